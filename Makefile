@@ -1,0 +1,49 @@
+# Run `make help` for the list of targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NOTEBOOKS := 01_explore 02_train 03_evaluate 04_infer
+DATA ?= data/sample
+PAPERMILL_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup reports train test test-fast lab sample clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[all]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(STAMP) ## create .venv and install the project with all extras (idempotent)
+
+reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-04 with papermill into reports/ (DATA=dir for other data)
+	@mkdir -p reports
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(PY) -m papermill --cwd notebooks notebooks/$$nb.ipynb reports/$$nb.ipynb -p data_dir $(DATA) $(PAPERMILL_ARGS) || exit 1; \
+	done
+	@echo "Done: reports/*.ipynb, reports/figures/, models/model.pth"
+
+train: $(STAMP) ## train with the CLI only (no notebooks): python -m aimonk train --data $(DATA)
+	$(PY) -m aimonk train --data $(DATA)
+
+test: $(STAMP) ## run every test, the notebooks included (what CI runs)
+	$(PY) -m pytest
+
+test-fast: $(STAMP) ## unit tests only, skipping slow ones and the notebooks
+	$(PY) -m pytest tests -m "not slow"
+
+lab: $(STAMP) ## open JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks
+
+sample: $(STAMP) ## regenerate the embedded sample dataset in data/sample
+	$(PY) -m aimonk.sample
+
+clean: ## remove generated models, reports and the decoded-image cache
+	rm -rf models reports/*.ipynb reports/figures ~/.cache/aimonk

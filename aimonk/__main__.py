@@ -1,0 +1,5 @@
+import sys
+
+from aimonk.cli import main
+
+sys.exit(main())

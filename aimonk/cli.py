@@ -1,0 +1,133 @@
+"""Command line: ``python -m aimonk {train,predict,evaluate}``. Errors print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+from aimonk import config
+
+DEFAULT_MODEL = str(config.DEFAULT_MODEL)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from aimonk.train import TrainConfig
+
+    # Every TrainConfig field becomes a flag, with its inline comment as help.
+    src = Path(__file__).with_name("train.py").read_text()
+    comments = {}
+    for line in src.splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and "=" in s:
+            comments[s.split(":")[0]] = s.split("#", 1)[1].strip()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = comments.get(f.name, "")
+        if f.name == "data_dir":
+            p.add_argument("--data", "--data-dir", dest="data_dir", required=True, help=help_)
+        elif f.name == "out":
+            p.add_argument("--out", default=DEFAULT_MODEL, help=f"{help_} (default: %(default)s)")
+        elif f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"{help_} (default: %(default)s)")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from aimonk.train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(vars(a))
+    result = train(cfg)
+    h = result.history
+    print(f"Saved {result.checkpoint} ({len(h['loss'])} iterations, final epoch loss {h['epoch_loss'][-1]:.4f}, "
+          f"{result.seconds:.0f}s)")
+    if h.get("val_macro_ap"):
+        print(f"Validation macro AP (last epoch): {h['val_macro_ap'][-1]:.3f}")
+    if result.loss_plot:
+        print(f"Loss plot: {result.loss_plot}")
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from aimonk.predict import Predictor, list_images
+
+    predictor = Predictor(a.model)
+    paths = list_images(a.images)
+    if not paths:
+        raise ValueError("no images found in " + ", ".join(a.images))
+    results = predictor.predict_many(paths, threshold=a.threshold, batch_size=a.batch_size)
+    if a.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1))
+    else:
+        print("\n".join(str(r) for r in results))
+    return 1 if any(r.error for r in results) else 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from aimonk.evaluate import attribute_report, report_to_json, score_folder, summarize
+
+    targets, probs, names, predictor = score_folder(a.model, a.data)
+    report = attribute_report(targets, probs, predictor.attributes, predictor.meta["thresholds"],
+                              predictor.meta.get("decision"))
+    if a.json:
+        print(json.dumps({"model": a.model, "data": a.data, "n_images": len(names), **report_to_json(report)}, indent=1))
+        return 0
+    cols = ["n_known", "pos_rate", "ap", "roc_auc", "auc_lo", "auc_hi", "precision", "recall", "f1", "majority_f1"]
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(report[cols].round(3).to_string())
+    print()
+    for attr, row in report.iterrows():
+        print(f"{attr}: {row['verdict']}")
+    s = summarize(report)
+    print(f"\nmacro AP {s['macro_ap']:.3f} (chance {s['macro_pos_rate']:.3f}) | macro F1 {s['macro_f1']:.3f} "
+          f"(majority baseline {s['macro_majority_f1']:.3f})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aimonk", description="Multilabel image attribute classification.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model on a folder with labels.txt and images/")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+    p = sub.add_parser("predict", help="predict attributes for images or folders")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help="one threshold for all attributes "
+                   "(default: the checkpoint's tuned per-attribute decisions)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
+    p.add_argument("--json", action="store_true", help="print JSON with probabilities")
+    p.set_defaults(func=cmd_predict)
+    e = sub.add_parser("evaluate", help="per-attribute metrics on a labelled folder")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
+    e.add_argument("--data", required=True, help="folder with labels.txt and images/")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *_: f"warning: {msg}\n"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Inference: a ``Predictor`` that loads a checkpoint once, and the seed-format ``predict`` function."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from aimonk import config
+from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch
+from aimonk.model import load_checkpoint
+
+
+@dataclass
+class PredictionResult:
+    """One image's prediction. ``str()`` gives the two seed-format lines."""
+
+    image: str
+    present: list[str]
+    probabilities: dict[str, float]
+    thresholds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def __str__(self) -> str:
+        if self.error:
+            return f"Image: {self.image}\nError: {self.error}"
+        return f"Image: {self.image}\nAttributes present: {self.present}"
+
+    def to_dict(self) -> dict:
+        return {"image": self.image, "present": self.present, "probabilities": self.probabilities,
+                "thresholds": self.thresholds, "error": self.error}
+
+
+@torch.inference_mode()
+def infer_probabilities(
+    model: nn.Module,
+    dataset,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = False,
+    mean: Sequence[float] = config.IMAGENET_MEAN,
+    std: Sequence[float] = config.IMAGENET_STD,
+    tta: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Sigmoid probabilities for every item of ``dataset`` (items are ``(uint8 image, ...)``).
+
+    Returns:
+        A float32 array of shape (N, n_attributes).
+    """
+    from aimonk.train import autocast
+
+    device = torch.device(device)
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    for batch in loader:
+        x = normalize_batch(batch[0], device, mean, std, channels_last)  # (B, 3, S, S)
+        with autocast(device, precision):
+            logits = model(x).float()  # (B, n_attributes)
+            if tta:
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(torch.sigmoid(logits).cpu())
+    n_out = len(model.fc.bias) if hasattr(model, "fc") else len(model._fc.bias)
+    return torch.cat(out).numpy() if out else np.zeros((0, n_out), np.float32)
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """Decodes images on the fly for batch prediction; unreadable files yield an error string."""
+
+    def __init__(self, sources: Sequence[ImageSource], names: Sequence[str], image_size: int):
+        self.sources, self.names, self.image_size = list(sources), list(names), image_size
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        try:
+            return decode_uint8(self.sources[i], self.image_size, name=self.names[i]), ""
+        except ImageLoadError as e:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), str(e)
+
+
+def _name_of(source: ImageSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).name
+    return getattr(source, "filename", None) and Path(source.filename).name or getattr(source, "name", "<image>")
+
+
+class Predictor:
+    """A loaded checkpoint ready to predict: the model is loaded once and reused.
+
+    Args:
+        model_path: a checkpoint written by training.
+        device: ``"auto"`` or a torch device.
+        precision: ``"auto"`` (per backbone and device) or fp32/bf16/fp16.
+    """
+
+    def __init__(self, model_path: str | os.PathLike = config.DEFAULT_MODEL,
+                 device: str = "auto", precision: str = "auto"):
+        from aimonk.train import resolve_precision, select_device
+
+        self.path = Path(model_path)
+        self.model, self.meta = load_checkpoint(self.path)
+        self.device = select_device(device)
+        self.precision = resolve_precision(precision, self.device, self.meta["backbone"])
+        self.channels_last = self.device.type != "mps"
+        self.model = self.model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.attributes: list[str] = list(self.meta["attributes"])
+        self.image_size: int = int(self.meta["image_size"])
+
+    def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[list[str]]:
+        """Present attributes per row of ``probs`` (N, n_attributes).
+
+        With ``threshold=None`` each attribute uses its checkpoint decision: its tuned threshold,
+        or, where validation found no signal, the majority decision. A given ``threshold`` applies
+        to every attribute.
+        """
+        probs = np.atleast_2d(probs)
+        if threshold is not None:
+            present = probs >= threshold
+        else:
+            thr = np.asarray(self.meta["thresholds"], dtype=np.float32)
+            present = probs >= thr
+            for j, rule in enumerate(self.meta.get("decision", [])):
+                if rule in ("majority_present", "majority_absent"):
+                    present[:, j] = rule == "majority_present"
+        return [[a for a, p in zip(self.attributes, row) if p] for row in present]
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Probabilities for a uint8 batch (B, 3, S, S)."""
+        return infer_probabilities(self.model, [(x,) for x in images], self.device, self.precision,
+                                   self.channels_last, self.meta["mean"], self.meta["std"],
+                                   tta=bool(self.meta.get("tta", False)))
+
+    def predict(self, image: ImageSource, threshold: float | None = None, name: str | None = None) -> PredictionResult:
+        """Predict one image (path, PIL image or bytes).
+
+        Raises:
+            ImageLoadError: if the image cannot be read.
+        """
+        name = name or _name_of(image)
+        x = decode_uint8(image, self.image_size, name=name)[None]  # (1, 3, S, S)
+        probs = self.probabilities(x)[0]
+        return self._result(name, probs, threshold)
+
+    def predict_many(self, sources: Sequence[ImageSource], threshold: float | None = None,
+                     batch_size: int = 32, num_workers: int = 0) -> list[PredictionResult]:
+        """Batch prediction through a DataLoader; an unreadable image gives a result with ``error`` set."""
+        names = [_name_of(s) for s in sources]
+        ds = _DecodeDataset(sources, [str(s) if isinstance(s, (str, os.PathLike)) else n for s, n in zip(sources, names)],
+                            self.image_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+        results: list[PredictionResult] = []
+        for x, errors in loader:
+            probs = self.probabilities(x)
+            for p, err in zip(probs, errors):
+                name = names[len(results)]
+                results.append(PredictionResult(name, [], {}, error=err) if err else self._result(name, p, threshold))
+        return results
+
+    def _result(self, name: str, probs: np.ndarray, threshold: float | None) -> PredictionResult:
+        thr = [threshold] * len(self.attributes) if threshold is not None else self.meta["thresholds"]
+        return PredictionResult(
+            image=name,
+            present=self.decide(probs, threshold)[0],
+            probabilities={a: round(float(p), 4) for a, p in zip(self.attributes, probs)},
+            thresholds={a: float(t) for a, t in zip(self.attributes, thr)},
+        )
+
+
+@lru_cache(maxsize=4)
+def _cached_predictor(path: str, mtime_ns: int) -> Predictor:
+    return Predictor(path)
+
+
+def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL) -> Predictor:
+    """A shared ``Predictor`` for ``model_path``, reloaded only if the file changes."""
+    p = Path(model_path).resolve()
+    mtime = p.stat().st_mtime_ns if p.is_file() else 0
+    return _cached_predictor(str(p), mtime)
+
+
+def predict(image: ImageSource, model: str | os.PathLike | Predictor = config.DEFAULT_MODEL,
+            threshold: float | None = None, show: bool = True) -> PredictionResult:
+    """Predict one image and print it in the seed format.
+
+    Args:
+        image: a path, PIL image or bytes.
+        model: a checkpoint path (loaded once and cached) or a ``Predictor``.
+        threshold: one threshold for all attributes; ``None`` uses the checkpoint's tuned decisions.
+        show: print ``Image: ...`` / ``Attributes present: [...]``.
+    Returns:
+        A ``PredictionResult``.
+    """
+    predictor = model if isinstance(model, Predictor) else get_predictor(model)
+    result = predictor.predict(image, threshold)
+    if show:
+        print(result)
+    return result
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand folders into the image files they contain (sorted); files are kept as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in config.IMAGE_EXTENSIONS and q.is_file()))
+        else:
+            out.append(p)
+    return out

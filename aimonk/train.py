@@ -1,0 +1,428 @@
+"""Training: the hyperparameter dataclass, the epoch loop and the end-to-end ``train`` entry point."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from aimonk import config
+from aimonk.cache import DecodedCache
+from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, normalize_batch, save_split
+from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
+from aimonk.model import BACKBONES, build_model, head_parameters, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Every training choice in one place; the 02 notebook parameters and the CLI flags both fill it."""
+
+    data_dir: str = str(config.SAMPLE_DIR)  # folder with labels.txt and images/
+    out: str = str(config.DEFAULT_MODEL)  # where the trained checkpoint goes
+    loss_plot: str = str(config.FIGURES_DIR / config.LOSS_PLOT_NAME)  # loss curve PNG ("" to skip)
+    epochs: int = 20  # passes over the training set
+    batch_size: int = 16  # images per optimisation step
+    lr: float = 1e-4  # peak learning rate
+    optimizer: str = "adam"  # "adam" or "adamw"
+    weight_decay: float = 0.0  # decoupled for adamw, L2 for adam
+    schedule: str = "constant"  # "constant" or "cosine" (per-iteration, with warmup)
+    warmup_epochs: float = 0.0  # linear warmup length for the cosine schedule
+    freeze_epochs: int = 0  # train only the head for this many epochs first
+    image_size: int = 224  # images are resized to image_size x image_size
+    backbone: str = "resnet18"  # "resnet18" or "efficientnet_lite0"
+    weights: str = "imagenet"  # "imagenet", "none" (random init) or a path to a state dict
+    on_missing_weights: str = "warn"  # "warn": random init + loud warning; "error": stop
+    augment: str = "flip"  # "none", "flip" or "crop" (RandomResizedCrop + flip)
+    loss_normalization: str = "known"  # "known" (mean over known labels) or "partial" (partial-BCE)
+    ema_decay: float = 0.0  # exponential moving average of weights (0 = off)
+    tta: bool = False  # average predictions over a horizontal flip at evaluation/inference
+    keep_best: bool = False  # keep the epoch with the best validation macro AP (early stopping)
+    val_fraction: float = 0.2  # share of images held out for validation (0 = none)
+    seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
+    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (CUDA only)
+    channels_last: bool = True  # NHWC memory format (faster on CPU and tensor cores)
+    num_workers: int = 0  # DataLoader workers; cached uint8 reads are cheap, so 0 is fastest on 2 cores
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or an explicit torch device
+    cache_dir: str = ""  # decoded-image cache ("" = ~/.cache/aimonk or $AIMONK_CACHE_DIR)
+    resume: bool = False  # continue from the resumable checkpoint next to `out`
+    progress: bool = True  # show tqdm progress bars
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a dict (e.g. notebook globals), ignoring keys that are not fields."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+ORIGINAL_RECIPE = dict(
+    backbone="resnet18", optimizer="adam", lr=1e-4, batch_size=16, epochs=20, schedule="constant",
+    augment="flip", freeze_epochs=0, ema_decay=0.0, tta=False, keep_best=False, loss_normalization="known",
+)  # the seed project's recipe, kept reproducible
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says where and why."""
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` produced."""
+
+    model: nn.Module
+    meta: dict
+    checkpoint: Path
+    loss_plot: Path | None
+    history: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks cuda, then mps, then cpu; anything else is passed to ``torch.device``."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: torch.device, backbone: str) -> str:
+    """Turn ``"auto"`` into the measured-fastest safe choice for this device and backbone."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and BACKBONES[backbone].cpu_bf16 and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train_transform(augment: str, image_size: int) -> v2.Transform | None:
+    """Augmentation applied to uint8 (3, S, S) tensors."""
+    if augment == "none":
+        return None
+    if augment == "flip":
+        return v2.RandomHorizontalFlip()
+    if augment == "crop":
+        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    raise ValueError(f"augment must be none, flip or crop, got {augment!r}")
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, not after training, if ``path``'s folder cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".aimonk-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"{path.parent}: output folder is not writable ({e.strerror or e})") from None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    mean=config.IMAGENET_MEAN,
+    std=config.IMAGENET_STD,
+    scheduler=None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
+    epoch: int = 0,
+    progress: bool = True,
+    on_step: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Run one pass over ``loader``.
+
+    Returns:
+        The loss of every iteration.
+    Raises:
+        TrainingError: on a non-finite loss, naming the epoch and batch.
+    """
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress, unit="batch")
+    for step, (x, y) in enumerate(bar):
+        x = normalize_batch(x, device, mean, std, channels_last)  # (B, 3, S, S) float
+        y = y.to(device, non_blocking=True)  # (B, n_attributes), -1 = NA
+        with autocast(device, precision):
+            logits = model(x)  # (B, n_attributes)
+        loss = criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {step + 1}; "
+                "try a lower lr or precision='fp32'. The last completed epoch's checkpoint is kept."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        value = loss.item()
+        losses.append(value)
+        if on_step is not None:
+            on_step(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+    return losses
+
+
+def _make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    if cfg.schedule == "constant":
+        return None
+    if cfg.schedule != "cosine":
+        raise ValueError(f"schedule must be constant or cosine, got {cfg.schedule!r}")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resume_path(out: str | os.PathLike) -> Path:
+    """Where the per-epoch resumable state for ``out`` lives."""
+    out = Path(out)
+    return out.with_name(out.stem + ".resume" + out.suffix)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg: TrainConfig):
+    """Index the folder, split it by content hash, and decode images into the cache.
+
+    Returns:
+        ``(index, cache, train_idx, val_idx)`` with indices into ``index.table`` (unreadable
+        images already removed).
+    """
+    index = index_dataset(cfg.data_dir)
+    digests = [file_digest(p) for p in index.paths]
+    cache = DecodedCache(index.paths, cfg.image_size, cfg.cache_dir or None, digests=digests, progress=cfg.progress)
+    ok = np.asarray(cache.ok)
+    if len(ok) == 0:
+        raise TrainingError(f"{cfg.data_dir}: no readable images")
+    targets = index.table.targets[ok]
+    if cfg.val_fraction > 0:
+        tr, va = make_split(targets, [digests[i] for i in ok], cfg.val_fraction, cfg.seed)
+        train_idx, val_idx = ok[tr], ok[va]
+    else:
+        train_idx, val_idx = ok, ok[:0]
+    return index, cache, train_idx, val_idx
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a model end to end and write the checkpoint, the split and the loss plot.
+
+    Writes ``cfg.out`` (the self-describing checkpoint), ``split.json`` next to it, the loss plot,
+    and a resumable state file after each epoch (removed when training completes).
+
+    Args:
+        cfg: the training configuration.
+    Returns:
+        A ``TrainResult``.
+    """
+    from aimonk.evaluate import macro_average_precision
+    from aimonk.plots import plot_loss_curve
+    from aimonk.predict import infer_probabilities
+
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    check_writable(out)
+    if cfg.loss_plot:
+        check_writable(Path(cfg.loss_plot))
+    set_seed(cfg.seed)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, cfg.backbone)
+    spec = BACKBONES.get(cfg.backbone)
+    if spec is None:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+
+    index, cache, train_idx, val_idx = prepare_data(cfg)
+    attributes = index.attributes
+    train_targets = index.table.targets[train_idx]
+    split_file = save_split(
+        out.with_name(config.SPLIT_NAME),
+        [index.table.names[i] for i in train_idx],
+        [index.table.names[i] for i in val_idx],
+        data_dir=str(cfg.data_dir), seed=cfg.seed, val_fraction=cfg.val_fraction,
+    )
+    pos_weight = compute_pos_weight(train_targets, attributes)
+
+    model = build_model(cfg.backbone, len(attributes), cfg.weights, cfg.on_missing_weights).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = MaskedBCEWithLogitsLoss(pos_weight, cfg.loss_normalization).to(device)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.optimizer)
+    if opt_cls is None:
+        raise ValueError(f"optimizer must be adam or adamw, got {cfg.optimizer!r}")
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    ema = None
+    if cfg.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+    train_set = ImageDataset(Subset(cache, train_idx), train_targets, train_transform(cfg.augment, cfg.image_size))
+    val_set = ImageDataset(Subset(cache, val_idx), index.table.targets[val_idx])
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=cfg.num_workers > 0)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
+
+    history = {"loss": [], "epoch_loss": [], "val_macro_ap": [], "epoch_seconds": []}
+    start_epoch, best_ap, best_state = 0, -1.0, None
+    state_file = resume_path(out)
+    if cfg.resume and state_file.is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state["config"] != _resumable_config(cfg):
+            raise TrainingError(f"{state_file}: saved with a different configuration; delete it or drop resume")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history, start_epoch = state["history"], state["epoch"]
+        best_ap, best_state = state["best_ap"], state["best_state"]
+        print(f"Resuming from {state_file} after epoch {start_epoch}")
+    elif cfg.resume:
+        print(f"No resumable state at {state_file}; starting from scratch")
+
+    epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not cfg.progress,
+                      initial=start_epoch, total=cfg.epochs)
+    for epoch in epochs_bar:
+        set_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding makes a resumed run replay exactly
+        _set_backbone_trainable(model, epoch >= cfg.freeze_epochs)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch), **loader_kw,
+        )
+        t0 = time.perf_counter()
+        losses = train_one_epoch(model, loader, criterion, optimizer, device, precision, cfg.channels_last,
+                                 spec.mean, spec.std, scheduler, scaler, ema, epoch, cfg.progress)
+        history["loss"].extend(losses)
+        history["epoch_loss"].append(float(np.mean(losses)))
+        history["epoch_seconds"].append(time.perf_counter() - t0)
+        scored = ema.module if ema is not None else model
+        if len(val_set):
+            probs = infer_probabilities(scored, val_set, device, precision, cfg.channels_last, spec.mean, spec.std,
+                                        tta=cfg.tta, batch_size=64)
+            ap = macro_average_precision(val_set.targets.numpy(), probs)
+            history["val_macro_ap"].append(ap)
+            if cfg.keep_best and ap > best_ap:
+                best_ap = ap
+                best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
+        epochs_bar.set_postfix(loss=f"{history['epoch_loss'][-1]:.4f}",
+                               val_ap=f"{history['val_macro_ap'][-1]:.3f}" if history["val_macro_ap"] else "-")
+        _atomic_torch_save({
+            "config": _resumable_config(cfg), "epoch": epoch + 1, "history": history,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "best_ap": best_ap, "best_state": best_state,
+        }, state_file)
+
+    final = ema.module if ema is not None else model
+    if cfg.keep_best and best_state is not None:
+        final.load_state_dict(best_state)
+        history["best_epoch"] = int(np.argmax(history["val_macro_ap"])) + 1
+    final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    meta = {
+        "backbone": cfg.backbone,
+        "attributes": list(attributes),
+        "image_size": cfg.image_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "thresholds": [0.5] * len(attributes),
+        "decision": ["threshold"] * len(attributes),
+        "tta": cfg.tta,
+        "pos_weight": pos_weight.tolist(),
+        "precision": precision,
+        "config": asdict(cfg),
+        "history": history,
+        "split": {"file": str(split_file), "val": [index.table.names[i] for i in val_idx]},
+        "data": {"dir": str(cfg.data_dir), "missing": index.missing, "unreadable": sorted(cache.failed.values())},
+    }
+    checkpoint = save_checkpoint(out, final, meta)
+    state_file.unlink(missing_ok=True)
+    plot_path = None
+    if cfg.loss_plot:
+        plot_path = Path(cfg.loss_plot)
+        fig = plot_loss_curve(history["loss"], steps_per_epoch)
+        fig.savefig(plot_path, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return TrainResult(final, meta, checkpoint, plot_path, history, time.perf_counter() - start)
+
+
+def _resumable_config(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    for k in ("resume", "progress", "num_workers", "cache_dir", "loss_plot"):
+        d.pop(k)
+    return d
+
+
+def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    head = {id(p) for p in head_parameters(model)}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad_(trainable)
