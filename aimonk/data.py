@@ -227,6 +227,13 @@ def load_image(source: ImageSource, name: str | None = None, draft_size: int | N
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
+                # Explicit check as well: warning filters are process-global, so under the cache's
+                # decoding threads the filter above is not guaranteed to be in force.
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit and img.width * img.height > limit:
+                    raise Image.DecompressionBombError(
+                        f"Image size ({img.width * img.height} pixels) exceeds limit of {limit} pixels"
+                    )
                 if draft_size and img.format == "JPEG" and not getattr(img, "is_animated", False):
                     img.draft("RGB", (draft_size, draft_size))
                 img.load()
@@ -379,7 +386,10 @@ def make_folds(targets: np.ndarray, groups: Sequence[str], n_folds: int, seed: i
     y = _stratify_key(targets)
     n_groups = len(set(groups))
     if n_groups < n_folds:
-        raise ValueError(f"cannot make {n_folds} folds from {n_groups} distinct images")
+        raise ValueError(
+            f"cannot make {n_folds} folds from {n_groups} distinct images; use more images "
+            f"(or val_fraction=0 for no validation split)"
+        )
     # Classes rarer than n_folds make sklearn warn; merging is harmless for the split itself.
     counts = np.bincount(y, minlength=3)
     y = np.where(counts[y] < n_folds, y.max(initial=0), y)

@@ -141,10 +141,17 @@ def build_model(
         warnings.warn(f"{e} Falling back to RANDOM initialisation.", stacklevel=2)
         return model
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    missing = [k for k in own if k not in state and not k.startswith(("fc.", "_fc."))]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights}: not a state dict or an aimonk checkpoint")
+    fitting = {k: v for k, v in state.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    missing = [k for k in own if k not in fitting and not k.startswith(("fc.", "_fc."))]
     if missing:
         raise CheckpointError(f"{weights}: weights do not fit backbone {backbone!r} (missing e.g. {missing[:3]})")
+    head_skipped = [k for k in own if k.startswith(("fc.", "_fc.")) and k in state and k not in fitting]
+    if head_skipped and str(weights).lower() != "imagenet":
+        warnings.warn(f"{weights}: its classification head has another number of outputs than {num_attributes}; "
+                      "the head starts from random initialisation", stacklevel=2)
+    state = fitting
     model.load_state_dict(state, strict=False)
     return model
 
@@ -157,16 +164,40 @@ def _read_state_dict(path: Path) -> dict:
 # --------------------------------------------------------------------------- checkpoint
 
 
-def _safe_load(path: Path) -> Any:
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` restricted to tensors and plain data (``weights_only=True``), with clear errors.
+
+    A pickle that would build arbitrary Python objects (and so could run code) is refused, never executed.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: model file not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes); expected a checkpoint written by training")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it contains arbitrary Python objects, which are refused for safety (only tensors and plain data load)"
+        text = str(e)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            reason = ("it contains arbitrary Python objects, refused for safety because loading them could run "
+                      "code (only tensors and plain data load)")
+        elif head.startswith(b"PK"):  # torch's zip format
+            reason = "the file is truncated or corrupted (damaged zip archive)"
+        elif head.startswith(b"\x80"):  # a bare pickle
+            reason = "it is a bare Python pickle, refused for safety because loading it could run code"
+        else:
+            reason = "unrecognised file format (expected a PyTorch checkpoint)"
         raise CheckpointError(f"{path}: not a readable aimonk checkpoint: {reason}") from None
+
+
+_safe_load = safe_load
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict) -> Path:
@@ -219,12 +250,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     n = len(meta["attributes"])
     if len(meta["thresholds"]) != n:
         raise CheckpointError(f"{path}: {len(meta['thresholds'])} thresholds for {n} attributes")
-    model = _make_architecture(meta["backbone"], n)
+    if meta["backbone"] not in BACKBONES:
+        raise CheckpointError(f"{path}: unknown backbone {meta['backbone']!r}; this aimonk knows {sorted(BACKBONES)}")
+    try:
+        model = _make_architecture(meta["backbone"], n)
+    except WeightsUnavailableError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit backbone {meta['backbone']!r} with {n} attributes ({first})") from None
+        lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+        detail = next((s for s in lines if s.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
+        raise CheckpointError(
+            f"{path}: weights do not fit backbone {meta['backbone']!r} with {n} attributes ({detail[:300]})"
+        ) from None
     model.eval()
     return model, meta
 
