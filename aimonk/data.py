@@ -7,6 +7,7 @@ import io
 import json
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Sequence, Union
@@ -117,8 +118,14 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
     seen: dict[str, int] = {}
     header: list[str] | None = None
     n_labels: int | None = len(attributes) if attributes is not None else None
+    lines = text.splitlines()
+    # Without a header, the label count is the most common one (ties: the earliest), so that a bad
+    # first line (e.g. a file name with a space) is the line reported, not every line after it.
+    counts = Counter(len(raw.split()) - 1 for raw in lines if len(raw.split()) > 1)
+    typical = next((len(raw.split()) - 1 for raw in lines
+                    if len(raw.split()) > 1 and counts[len(raw.split()) - 1] == max(counts.values())), None)
 
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(lines, start=1):
         fields = raw.split()
         if not fields:
             continue
@@ -135,7 +142,7 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
         if n_labels is None:
             if not tokens:
                 raise LabelFileError(f"{where}: expected a file name followed by label tokens, got only {name!r}")
-            n_labels = len(tokens)
+            n_labels = typical
         if len(tokens) != n_labels:
             hint = " (file names may not contain spaces)" if len(tokens) > n_labels else ""
             raise LabelFileError(
@@ -145,7 +152,9 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
         for k, token in enumerate(tokens, start=1):
             v = _parse_token(token)
             if v is None:
-                raise LabelFileError(f"{where}: label {k} is {token!r}; expected 1, 0 or NA")
+                looks_like_name = Path(token).suffix.lower() in config.IMAGE_EXTENSIONS
+                hint = " (file names may not contain spaces)" if looks_like_name else ""
+                raise LabelFileError(f"{where}: label {k} is {token!r}; expected 1, 0 or NA{hint}")
             values.append(v)
         _check_name(name, where)
         if name in seen:

@@ -23,7 +23,7 @@ from aimonk import config
 from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, normalize_batch, save_split
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
-from aimonk.model import BACKBONES, build_model, head_parameters, save_checkpoint
+from aimonk.model import BACKBONES, CheckpointError, build_model, head_parameters, safe_load, save_checkpoint
 
 
 @dataclass
@@ -192,7 +192,7 @@ def train_one_epoch(
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {step + 1}; "
-                "try a lower lr or precision='fp32'. The last completed epoch's checkpoint is kept."
+                "try a lower lr or precision='fp32'"
             )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -297,6 +297,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     index, cache, train_idx, val_idx = prepare_data(cfg)
     attributes = index.attributes
     train_targets = index.table.targets[train_idx]
+    if len(train_idx) < 2:
+        raise TrainingError(f"{cfg.data_dir}: {len(train_idx)} training image(s) after the validation split; "
+                            "need at least 2 (add images or lower val_fraction)")
+    decisions = initial_decisions(train_targets, attributes)
     split_file = save_split(
         out.with_name(config.SPLIT_NAME),
         [index.table.names[i] for i in train_idx],
@@ -324,24 +328,38 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_set = ImageDataset(Subset(cache, val_idx), index.table.targets[val_idx])
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.num_workers > 0)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    # BatchNorm cannot train on a batch of one image, so a lone last image is left out of that epoch
+    # (the shuffle differs per epoch, so a different image each time).
+    drop_last = len(train_set) % cfg.batch_size == 1
+    steps_per_epoch = len(train_set) // cfg.batch_size if drop_last else math.ceil(len(train_set) / cfg.batch_size)
     scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
 
     history = {"loss": [], "epoch_loss": [], "val_macro_ap": [], "epoch_seconds": []}
     start_epoch, best_ap, best_state = 0, -1.0, None
     state_file = resume_path(out)
     if cfg.resume and state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        if state["config"] != _resumable_config(cfg):
-            raise TrainingError(f"{state_file}: saved with a different configuration; delete it or drop resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history, start_epoch = state["history"], state["epoch"]
-        best_ap, best_state = state["best_ap"], state["best_state"]
+        try:
+            state = safe_load(state_file)
+        except CheckpointError as e:
+            raise TrainingError(f"{e}; delete it or drop resume") from None
+        saved = state.get("config") if isinstance(state, dict) else None
+        if saved != _resumable_config(cfg):
+            changed = sorted(k for k, v in _resumable_config(cfg).items() if (saved or {}).get(k) != v)
+            raise TrainingError(f"{state_file}: saved with a different configuration ({', '.join(changed)}); "
+                                "delete it or drop resume")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            history, start_epoch = state["history"], state["epoch"]
+            best_ap, best_state = state["best_ap"], state["best_state"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TrainingError(f"{state_file}: cannot resume from it ({first[:200]}); "
+                                "delete it or drop resume") from None
         print(f"Resuming from {state_file} after epoch {start_epoch}")
     elif cfg.resume:
         print(f"No resumable state at {state_file}; starting from scratch")
@@ -352,12 +370,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         set_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding makes a resumed run replay exactly
         _set_backbone_trainable(model, epoch >= cfg.freeze_epochs)
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+            train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
             generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch), **loader_kw,
         )
         t0 = time.perf_counter()
-        losses = train_one_epoch(model, loader, criterion, optimizer, device, precision, cfg.channels_last,
-                                 spec.mean, spec.std, scheduler, scaler, ema, epoch, cfg.progress)
+        try:
+            losses = train_one_epoch(model, loader, criterion, optimizer, device, precision, cfg.channels_last,
+                                     spec.mean, spec.std, scheduler, scaler, ema, epoch, cfg.progress)
+        except TrainingError as e:
+            kept = (f"the state after epoch {epoch} is kept in {state_file} (resume=True continues from it)"
+                    if epoch > 0 else "no epoch had completed, so no state was saved")
+            raise TrainingError(f"{e}. {kept[0].upper()}{kept[1:]}") from None
         history["loss"].extend(losses)
         history["epoch_loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(time.perf_counter() - t0)
@@ -392,7 +415,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "mean": list(spec.mean),
         "std": list(spec.std),
         "thresholds": [0.5] * len(attributes),
-        "decision": ["threshold"] * len(attributes),
+        "decision": decisions,
         "tta": cfg.tta,
         "pos_weight": pos_weight.tolist(),
         "precision": precision,
@@ -412,6 +435,27 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         plt.close(fig)
     return TrainResult(final, meta, checkpoint, plot_path, history, time.perf_counter() - start)
+
+
+def initial_decisions(targets: np.ndarray, attributes: list[str]) -> list[str]:
+    """Per attribute ``"threshold"``, or the majority rule where the training labels hold only one class.
+
+    A model cannot learn an attribute with no known positives, no known negatives or no known
+    labels at all, so its probability means nothing; such an attribute is always reported absent
+    (or present, if every known label is 1), with a warning.
+    """
+    out = []
+    for j, a in enumerate(attributes):
+        pos, neg = int((targets[:, j] == 1).sum()), int((targets[:, j] == 0).sum())
+        if pos and neg:
+            out.append("threshold")
+            continue
+        what = "no known labels (all NA)" if not (pos or neg) else ("no known positives" if not pos else
+                                                                     "no known negatives")
+        out.append("majority_present" if pos else "majority_absent")
+        warnings.warn(f"{a}: {what} among the {len(targets)} training images; it cannot be learned, so it is "
+                      f"always reported {'present' if pos else 'absent'}", stacklevel=3)
+    return out
 
 
 def _resumable_config(cfg: TrainConfig) -> dict:
