@@ -8,9 +8,9 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -245,14 +245,21 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_data(cfg: TrainConfig):
+def prepare_data(cfg: TrainConfig, names: Sequence[str] | None = None):
     """Index the folder, split it by content hash, and decode images into the cache.
 
+    Args:
+        cfg: the training configuration.
+        names: restrict to these image names (e.g. the training part of a cross-validation fold).
     Returns:
         ``(index, cache, train_idx, val_idx)`` with indices into ``index.table`` (unreadable
         images already removed).
     """
     index = index_dataset(cfg.data_dir)
+    if names is not None:
+        keep = set(names)
+        rows = [i for i, n in enumerate(index.table.names) if n in keep]
+        index = replace(index, table=index.table.subset(rows), paths=[index.paths[i] for i in rows])
     digests = [file_digest(p) for p in index.paths]
     cache = DecodedCache(index.paths, cfg.image_size, cfg.cache_dir or None, digests=digests, progress=cfg.progress)
     ok = np.asarray(cache.ok)
@@ -267,7 +274,7 @@ def prepare_data(cfg: TrainConfig):
     return index, cache, train_idx, val_idx
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
     """Train a model end to end and write the checkpoint, the split and the loss plot.
 
     Writes ``cfg.out`` (the self-describing checkpoint), ``split.json`` next to it, the loss plot,
@@ -275,6 +282,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     Args:
         cfg: the training configuration.
+        names: train (and validate) only on these image names; default all.
     Returns:
         A ``TrainResult``.
     """
@@ -294,7 +302,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if spec is None:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
 
-    index, cache, train_idx, val_idx = prepare_data(cfg)
+    index, cache, train_idx, val_idx = prepare_data(cfg, names)
     attributes = index.attributes
     train_targets = index.table.targets[train_idx]
     if len(train_idx) < 2:
