@@ -24,24 +24,28 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         s = line.strip()
         if ":" in s and "#" in s and "=" in s:
             comments[s.split(":")[0]] = s.split("#", 1)[1].strip()
+    p.add_argument("--recipe", choices=["original", "best"], default="original",
+                   help="preset: 'original' (the seed recipe: ResNet18, Adam 1e-4, batch 16, 20 epochs; the defaults "
+                        "below) or 'best' (the recipe measured best on clipart); explicit flags override it")
+    # Flags left out stay out of the namespace (SUPPRESS), so a preset can fill them.
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = comments.get(f.name, "")
+        help_ = f"{comments.get(f.name, '')} (default: {f.default})"
         if f.name == "data_dir":
-            p.add_argument("--data", "--data-dir", dest="data_dir", required=True, help=help_)
-        elif f.name == "out":
-            p.add_argument("--out", default=DEFAULT_MODEL, help=f"{help_} (default: %(default)s)")
+            p.add_argument("--data", "--data-dir", dest="data_dir", required=True, help=comments.get(f.name, ""))
         elif f.type in (bool, "bool"):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=f"{help_} (default: %(default)s)")
+            p.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, help=help_)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from aimonk.train import TrainConfig, train
+    from aimonk.train import BEST_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
 
-    cfg = TrainConfig.from_dict(vars(a))
+    preset = BEST_RECIPE if a.recipe == "best" else ORIGINAL_RECIPE
+    cfg = TrainConfig.from_dict({**preset, **vars(a)})
     result = train(cfg)
     h = result.history
     print(f"Saved {result.checkpoint} ({len(h['loss'])} iterations, final epoch loss {h['epoch_loss'][-1]:.4f}, "

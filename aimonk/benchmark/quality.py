@@ -1,0 +1,222 @@
+"""Quality benchmark: recipes against baselines on the same grouped, stratified folds.
+
+``python -m aimonk.benchmark quality --data DIR [--folds 3] [--recipes original,best,frozen_lr]``
+
+For each fold, every recipe trains on the other folds (with its own inner validation split for
+threshold tuning and early stopping) and is scored on the held-out fold. The table reports
+mean +- std across folds of macro AP, macro ROC-AUC, macro F1 at 0.5 and macro F1 with the
+decision rule tuned on the inner validation split, next to the majority-class baseline and the
+label-permutation chance reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from aimonk.data import file_digest, index_dataset, make_folds
+from aimonk.evaluate import (
+    apply_decisions, choose_decisions, macro_average_precision, majority_f1, permutation_auc, score_folder,
+)
+from aimonk.train import BEST_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
+
+
+def _macro(fn, targets: np.ndarray, values: np.ndarray) -> float:
+    out = []
+    for j in range(targets.shape[1]):
+        m = targets[:, j] >= 0
+        y = targets[m, j].astype(int)
+        if 0 < y.sum() < len(y):
+            out.append(fn(y, values[m, j]))
+    return float(np.mean(out)) if out else float("nan")
+
+
+def _f1(y, pred):
+    from sklearn.metrics import f1_score
+
+    return f1_score(y, pred, zero_division=0)
+
+
+def _auc(y, p):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(y, p)
+
+
+def fold_scores(targets: np.ndarray, probs: np.ndarray, thresholds, decisions) -> dict:
+    """Held-out metrics of one model on one fold."""
+    pred_tuned = apply_decisions(probs, thresholds, decisions)
+    chance = [permutation_auc(targets[targets[:, j] >= 0, j].astype(int), probs[targets[:, j] >= 0, j], 100)["mean"]
+              for j in range(targets.shape[1])]
+    return {
+        "macro_ap": macro_average_precision(targets, probs),
+        "macro_auc": _macro(_auc, targets, probs),
+        "macro_f1_at_0.5": _macro(_f1, targets, probs >= 0.5),
+        "macro_f1_tuned": _macro(_f1, targets, pred_tuned),
+        "chance_auc": float(np.nanmean(chance)),
+        "n_fallback": int(sum(d != "threshold" for d in decisions)),
+    }
+
+
+def majority_scores(train_targets: np.ndarray, targets: np.ndarray) -> dict:
+    """The majority-class predictor, its majority taken from the training part."""
+    f1s, aps = [], []
+    for j in range(targets.shape[1]):
+        known_tr = train_targets[train_targets[:, j] >= 0, j]
+        y = targets[targets[:, j] >= 0, j].astype(int)
+        if not (0 < y.sum() < len(y)):
+            continue
+        present = known_tr.mean() >= 0.5 if len(known_tr) else False
+        f1s.append(_f1(y, np.full(len(y), present)))
+        aps.append(y.mean())  # AP of a constant score is the positive rate
+    return {"macro_ap": float(np.mean(aps)), "macro_auc": 0.5, "macro_f1_at_0.5": float(np.mean(f1s)),
+            "macro_f1_tuned": float(np.mean(f1s)), "chance_auc": 0.5, "n_fallback": 0}
+
+
+def frozen_lr_scores(data_dir: str, train_names, val_names, test_names, image_size: int) -> tuple[dict, float]:
+    """Logistic regression on frozen EfficientNet-Lite0 ImageNet features (a strong cheap reference)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from aimonk.cache import DecodedCache
+    from aimonk.data import normalize_batch
+    from aimonk.model import BACKBONES, build_model
+
+    start = time.perf_counter()
+    index = index_dataset(data_dir, warn=False)
+    where = {n: i for i, n in enumerate(index.table.names)}
+    spec = BACKBONES["efficientnet_lite0"]
+    model = build_model("efficientnet_lite0", 1, "imagenet", on_missing_weights="error").eval()
+    model._fc = torch.nn.Identity()
+    model = model.to(memory_format=torch.channels_last)
+
+    def features(names):
+        rows = [where[n] for n in names]
+        cache = DecodedCache([index.paths[i] for i in rows], image_size, progress=False)
+        ok = cache.ok
+        with torch.inference_mode():
+            feats = [model(normalize_batch(torch.stack([torch.from_numpy(cache[k]) for k in ok[b:b + 64]]), "cpu",
+                                           spec.mean, spec.std, True)) for b in range(0, len(ok), 64)]
+        return torch.cat(feats).numpy(), index.table.targets[[rows[k] for k in ok]]
+
+    x_tr, t_tr = features(list(train_names) + list(val_names))
+    x_te, t_te = features(test_names)
+    n_val = len(val_names)
+    probs_val = np.zeros((n_val, t_tr.shape[1]), np.float32)
+    probs_te = np.zeros((len(x_te), t_tr.shape[1]), np.float32)
+    for j in range(t_tr.shape[1]):
+        fit_rows = np.arange(len(x_tr) - n_val)
+        m = t_tr[fit_rows, j] >= 0
+        y = t_tr[fit_rows[m], j]
+        if 0 < y.sum() < len(y):
+            clf = LogisticRegression(C=0.5, max_iter=2000, class_weight="balanced").fit(x_tr[fit_rows[m]], y)
+            probs_val[:, j] = clf.predict_proba(x_tr[len(x_tr) - n_val:])[:, 1]
+            probs_te[:, j] = clf.predict_proba(x_te)[:, 1]
+    t_val = t_tr[len(x_tr) - n_val:]
+    attrs = [f"a{j}" for j in range(t_tr.shape[1])]
+    thresholds, decisions = choose_decisions(t_val, probs_val, attrs)
+    return fold_scores(t_te, probs_te, thresholds, decisions), time.perf_counter() - start
+
+
+def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs: int | None = None,
+        image_size: int | None = None, workdir: str | None = None, progress: bool = False,
+        run_folds: int | None = None, overrides: dict | None = None) -> pd.DataFrame:
+    """Run every recipe on every fold and return one row per (recipe, fold)."""
+    index = index_dataset(data_dir)
+    digests = [file_digest(p) for p in index.paths]
+    fold_rows = make_folds(index.table.targets, digests, folds, seed)
+    names = np.asarray(index.table.names)
+    recipes_cfg = {"original": ORIGINAL_RECIPE, "best": BEST_RECIPE}
+    rows = []
+    work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
+    for k, test_rows in enumerate(fold_rows[:run_folds]):
+        train_rows = np.setdiff1d(np.arange(len(names)), test_rows)
+        test_names = list(names[test_rows])
+        rows.append({"recipe": "majority", "fold": k, "minutes": 0.0,
+                     **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
+        for recipe in recipes:
+            t0 = time.perf_counter()
+            if recipe == "frozen_lr":
+                cfg = TrainConfig(**BEST_RECIPE) if image_size is None else TrainConfig(**{**BEST_RECIPE, "image_size": image_size})
+                from aimonk.data import make_split
+
+                tr, va = make_split(index.table.targets[train_rows], [digests[i] for i in train_rows], 0.2, seed)
+                scores, _ = frozen_lr_scores(data_dir, names[train_rows][tr], names[train_rows][va], test_names,
+                                             cfg.image_size)
+            else:
+                params = dict(recipes_cfg[recipe])
+                if epochs is not None:
+                    params["epochs"] = epochs
+                if image_size is not None:
+                    params["image_size"] = image_size
+                if recipe == "best" and overrides:
+                    params.update(overrides)
+                cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
+                                     "loss_plot": "", "seed": seed, "progress": progress})
+                result = train(cfg, names=list(names[train_rows]))
+                val_names = result.meta["split"]["val"]
+                t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names)
+                attrs = result.meta["attributes"]
+                thresholds, decisions = choose_decisions(t_val, p_val, attrs)
+                t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
+                scores = fold_scores(t_te, p_te, thresholds, decisions)
+            rows.append({"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores})
+            print(json.dumps(rows[-1]), flush=True)
+    return pd.DataFrame(rows)
+
+
+def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """mean +- std across folds per recipe."""
+    metrics = ["macro_ap", "macro_auc", "macro_f1_at_0.5", "macro_f1_tuned", "chance_auc", "minutes"]
+    g = df.groupby("recipe", sort=False)[metrics]
+    mean, std = g.mean(), g.std(ddof=0)
+    return pd.DataFrame({m: [f"{a:.3f} ± {b:.3f}" for a, b in zip(mean[m], std[m])] for m in metrics}, index=mean.index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aimonk.benchmark quality", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="folder with labels.txt and images/")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
+    p.add_argument("--recipes", default="original,best,frozen_lr", help="comma-separated: original, best, frozen_lr")
+    p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke runs)")
+    p.add_argument("--image-size", type=int, default=None, help="override every recipe's image size (smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="fold and training seed")
+    p.add_argument("--run-folds", type=int, default=None, help="score only the first N folds (screening)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the best recipe, e.g. --set lr=1e-3 (screening)")
+    p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    overrides = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        default = BEST_RECIPE.get(key, getattr(TrainConfig, key, ""))
+        overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
+    df = run(a.data, [r.strip() for r in a.recipes.split(",") if r.strip()], a.folds, a.seed, a.epochs, a.image_size,
+             run_folds=a.run_folds, overrides=overrides)
+    table = summary_table(df)
+    print(f"\nQuality on {a.data}: {a.folds} folds, mean ± std across folds (held-out fold scores)")
+    print(table.to_markdown() if _has_tabulate() else table.to_string())
+    print(f"\nwall time {(time.perf_counter() - start) / 60:.1f} min")
+    if a.json:
+        Path(a.json).write_text(df.to_json(orient="records", indent=1))
+    return 0
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
