@@ -430,6 +430,18 @@ def test_training_skips_unreadable_images(tmp_path, monkeypatch):
     assert all(np.isfinite(result.history["loss"]))
 
 
+def test_evaluate_skips_unreadable_images(tmp_path, checkpoint):
+    from aimonk.evaluate import score_folder
+
+    data = make_dataset(tmp_path / "data", n=6)
+    (data / "images" / "truncated.jpg").write_bytes(_truncated_jpeg())
+    with (data / "labels.txt").open("a") as f:
+        f.write("truncated.jpg 1 0 1 0\n")
+    with pytest.warns(UserWarning, match=r"1 unreadable image\(s\) skipped: .*truncated\.jpg: cannot decode"):
+        targets, probs, names, _ = score_folder(checkpoint, data, cache_dir=str(tmp_path / "cache"))
+    assert names == [f"img_{i}.png" for i in range(6)] and probs.shape == targets.shape == (6, 4)
+
+
 # =========================================================================== data-level
 
 
