@@ -1,0 +1,28 @@
+"""pytest setup for tests/ and notebooks/ (nbval): outputs go to a temporary folder, never to models/ or reports/.
+
+It lives at the repository root so that ``pytest notebooks/`` picks it up as well as ``pytest tests/``.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_VARS = (("AIMONK_MODELS_DIR", "models"), ("AIMONK_REPORTS_DIR", "reports"), ("AIMONK_CACHE_DIR", "cache"))
+_created: list[Path] = []
+
+
+def pytest_configure(config):
+    # Runs before aimonk is imported (aimonk.config reads these once) and before nbval starts its
+    # kernels, which inherit this environment, so the notebooks under test write here too.
+    if all(var in os.environ for var, _ in _VARS):
+        return
+    root = Path(tempfile.mkdtemp(prefix="aimonk-tests-"))
+    _created.append(root)
+    for var, sub in _VARS:
+        os.environ.setdefault(var, str(root / sub))
+
+
+def pytest_unconfigure(config):
+    for root in _created:
+        shutil.rmtree(root, ignore_errors=True)
