@@ -7,6 +7,7 @@ file carries the model, optimiser, scheduler, EMA and history.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -81,13 +82,14 @@ def interrupt_at(monkeypatch, epoch: int, step: int = 2) -> None:
     original = train_module.train_one_epoch
 
     def patched(*args, **kwargs):
-        if args[12] == epoch:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        if bound.arguments["epoch"] == epoch:
             def on_step(loss, seen=[0]):
                 seen[0] += 1
                 if seen[0] == step:
                     raise Interrupted
-            kwargs["on_step"] = on_step
-        return original(*args, **kwargs)
+            bound.arguments["on_step"] = on_step
+        return original(*bound.args, **bound.kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", patched)
 
@@ -102,7 +104,7 @@ def data(tmp_path_factory) -> Path:
 # Runs the CLI in a child process that writes a marker and stalls after two optimiser steps of a
 # chosen epoch, so the parent can SIGKILL it at a known point in the middle of that epoch.
 STALL_THEN_TRAIN = r"""
-import sys, time
+import inspect, sys, time
 from pathlib import Path
 import aimonk.train as T
 from aimonk.cli import main
@@ -111,14 +113,15 @@ marker, stall_epoch = Path(sys.argv[1]), int(sys.argv[2])
 original = T.train_one_epoch
 
 def patched(*args, **kwargs):
-    if args[12] == stall_epoch:
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    if bound.arguments["epoch"] == stall_epoch:
         def on_step(loss, seen=[0]):
             seen[0] += 1
             if seen[0] == 2:
                 marker.write_text("in the middle of the epoch")
                 time.sleep(600)
-        kwargs["on_step"] = on_step
-    return original(*args, **kwargs)
+        bound.arguments["on_step"] = on_step
+    return original(*bound.args, **bound.kwargs)
 
 T.train_one_epoch = patched
 sys.exit(main(sys.argv[3:]))
@@ -255,16 +258,17 @@ def test_nonfinite_loss_stops_with_epoch_and_batch_and_keeps_last_good_state(dat
     original = train_module.train_one_epoch
 
     def poisoned(*args, **kwargs):
-        if args[12] == 1:  # epoch 2
-            criterion, calls = args[2], [0]
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        if bound.arguments["epoch"] == 1:  # epoch 2
+            criterion, calls = bound.arguments["criterion"], [0]
 
             def nan_on_second_batch(logits, y):
                 calls[0] += 1
                 loss = criterion(logits, y)
                 return loss * float("nan") if calls[0] == 2 else loss
 
-            args = (*args[:2], nan_on_second_batch, *args[3:])
-        return original(*args, **kwargs)
+            bound.arguments["criterion"] = nan_on_second_batch
+        return original(*bound.args, **bound.kwargs)
 
     cfg = config_for(data, tmp_path / "model.pth", tmp_path / "cache")
     with monkeypatch.context() as m:
