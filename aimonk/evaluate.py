@@ -203,7 +203,7 @@ def score_folder(model_path: str | os.PathLike, data_dir: str | os.PathLike, nam
 
     predictor = Predictor(model_path)
     index = index_dataset(data_dir)
-    if list(index.attributes) != list(predictor.attributes) and len(index.attributes) != len(predictor.attributes):
+    if len(index.attributes) != len(predictor.attributes):
         raise ValueError(f"{data_dir}: {len(index.attributes)} attributes, but {model_path} predicts "
                          f"{len(predictor.attributes)}")
     rows = list(range(len(index.table)))
