@@ -42,6 +42,14 @@ test-fast: $(STAMP) ## unit tests only, skipping slow ones and the notebooks
 lab: $(STAMP) ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
 
+.PHONY: app voila
+app: $(STAMP) ## serve the Streamlit app (MODEL=path, default models/model.pth)
+	$(VENV)/bin/streamlit run aimonk/app.py --browser.gatherUsageStats=false --client.toolbarMode=minimal \
+	  -- --model $(or $(MODEL),models/model.pth)
+
+voila: $(STAMP) ## serve notebook 04's upload panel as a page with Voila (upload limits in voila.json)
+	$(VENV)/bin/voila notebooks/04_infer.ipynb
+
 sample: $(STAMP) ## regenerate the embedded sample dataset in data/sample
 	$(PY) -m aimonk.sample
 
