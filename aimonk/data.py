@@ -131,12 +131,15 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
             continue
         where = f"{path} line {lineno}"
         name, tokens = fields[0], fields[1:]
-        if not rows and header is None and tokens and all(
-            _parse_token(t) is None and not t.lstrip("+-").replace(".", "", 1).isdigit() for t in tokens
-        ):
+        # A row naming an image file is data even if its tokens are all words (then they are bad labels).
+        if not rows and header is None and tokens and PurePosixPath(name).suffix.lower() not in config.IMAGE_EXTENSIONS \
+                and all(_parse_token(t) is None and not t.lstrip("+-").replace(".", "", 1).isdigit() for t in tokens):
             header = tokens  # e.g. "image Attr1 Attr2 Attr3 Attr4"
             if n_labels is not None and len(header) != n_labels:
                 raise LabelFileError(f"{where}: header names {len(header)} attributes, expected {n_labels}")
+            twice = sorted({a for a in header if header.count(a) > 1})
+            if twice:
+                raise LabelFileError(f"{where}: header names attribute(s) {twice} more than once; expected unique names")
             n_labels = len(header)
             continue
         if n_labels is None:

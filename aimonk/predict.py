@@ -233,15 +233,17 @@ class Predictor:
 
 
 @lru_cache(maxsize=4)
-def _cached_predictor(path: str, mtime_ns: int) -> Predictor:
+def _cached_predictor(path: str, stamp: tuple) -> Predictor:
     return Predictor(path)
 
 
 def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL) -> Predictor:
     """A shared ``Predictor`` for ``model_path``, reloaded only if the file changes."""
     p = Path(model_path).resolve()
-    mtime = p.stat().st_mtime_ns if p.is_file() else 0
-    return _cached_predictor(str(p), mtime)
+    # ctime, inode and size as well as mtime: a copy that keeps the old mtime (cp -p, rsync -t) is still seen.
+    st = p.stat() if p.is_file() else None
+    stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size) if st else ()
+    return _cached_predictor(str(p), stamp)
 
 
 def predict(image: ImageSource, model: str | os.PathLike | Predictor = config.DEFAULT_MODEL,
