@@ -42,11 +42,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from aimonk import distributed
     from aimonk.train import BEST_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
 
     preset = BEST_RECIPE if a.recipe == "best" else ORIGINAL_RECIPE
     cfg = TrainConfig.from_dict({**preset, **vars(a)})
     result = train(cfg)
+    if not distributed.is_main():
+        return 0  # under torchrun, rank 0 reports
     h = result.history
     print(f"Saved {result.checkpoint} ({len(h['loss'])} iterations, final epoch loss {h['epoch_loss'][-1]:.4f}, "
           f"{result.seconds:.0f}s)")

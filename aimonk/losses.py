@@ -53,6 +53,12 @@ class MaskedBCEWithLogitsLoss(nn.Module):
         self.normalization = normalization
         self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32))
 
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` divides the summed loss by, before clamping to 1: the number of known
+        labels (``"known"``) or of images with a known label (``"partial"``)."""
+        known = targets >= 0
+        return known.sum() if self.normalization == "known" else known.any(1).sum()
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Masked mean loss; 0 (not NaN) when every target is NA.
 

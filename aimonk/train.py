@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -19,7 +20,7 @@ from torch.utils.data import Subset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from aimonk import config
+from aimonk import config, distributed
 from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, normalize_batch, save_split
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
@@ -190,8 +191,12 @@ def train_one_epoch(
     epoch: int = 0,
     progress: bool = True,
     on_step: Callable[[float], None] | None = None,
+    reduce_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[float]:
     """Run one pass over ``loader``.
+
+    ``reduce_loss(loss, targets)`` gives (the loss to back-propagate, the loss to record); under
+    torchrun it makes both the global batch's, so every process records and checks the same value.
 
     Returns:
         The loss of every iteration.
@@ -207,9 +212,10 @@ def train_one_epoch(
         with autocast(device, precision):
             logits = model(x)  # (B, n_attributes)
         loss = criterion(logits.float(), y)
-        if not torch.isfinite(loss):
+        loss, reported = (loss, loss.detach()) if reduce_loss is None else reduce_loss(loss, y)
+        if not torch.isfinite(reported):
             raise TrainingError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch {step + 1}; "
+                f"non-finite loss ({reported.item()}) at epoch {epoch + 1}, batch {step + 1}; "
                 "try a lower lr or precision='fp32'"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -224,7 +230,7 @@ def train_one_epoch(
             scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        value = loss.item()
+        value = reported.item()
         losses.append(value)
         if on_step is not None:
             on_step(value)
@@ -298,42 +304,62 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
     Writes ``cfg.out`` (the self-describing checkpoint), ``split.json`` next to it, the loss plot,
     and a resumable state file after each epoch (removed when training completes).
 
+    Under torchrun (``torchrun --nproc_per_node N -m aimonk train ...``) every process runs this
+    with DistributedDataParallel: ``cfg.batch_size`` is the global batch, shared equally; the loss
+    history is the mean over processes; rank 0 alone validates, writes files and shows progress.
+
     Args:
         cfg: the training configuration.
         names: train (and validate) only on these image names; default all.
     Returns:
-        A ``TrainResult``.
+        A ``TrainResult`` (on every process; its files are rank 0's).
     """
+    with distributed.process_group(select_device(cfg.device)) as device:
+        if distributed.is_main():
+            return _train(cfg, names, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rank 0 reports data and recipe warnings once
+            return _train(replace(cfg, progress=False), names, device)
+
+
+def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -> TrainResult:
     from aimonk.evaluate import macro_average_precision
     from aimonk.plots import plot_loss_curve
     from aimonk.predict import infer_probabilities
 
     start = time.perf_counter()
     out = Path(cfg.out)
-    check_writable(out)
-    if cfg.loss_plot:
-        check_writable(Path(cfg.loss_plot))
+    main = distributed.is_main()  # only rank 0 writes files
+    if main:
+        check_writable(out)
+        if cfg.loss_plot:
+            check_writable(Path(cfg.loss_plot))
+    batch_size = distributed.per_rank_batch(cfg.batch_size)  # this process's share of the global batch
     set_seed(cfg.seed)
-    device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, cfg.backbone)
     spec = BACKBONES.get(cfg.backbone)
     if spec is None:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
 
-    index, cache, train_idx, val_idx = prepare_data(cfg, names)
+    with distributed.local_main_first():  # one process per machine fills the decoded-image cache
+        index, cache, train_idx, val_idx = prepare_data(cfg, names)
     attributes = index.attributes
     train_targets = index.table.targets[train_idx]
     if len(train_idx) < 2:
         raise TrainingError(f"{cfg.data_dir}: {len(train_idx)} training image(s) after the validation split; "
                             "need at least 2 (add images or lower val_fraction)")
     decisions = initial_decisions(train_targets, attributes)
-    split_file = save_split(
-        out.with_name(config.SPLIT_NAME),
-        [index.table.names[i] for i in train_idx],
-        [index.table.names[i] for i in val_idx],
-        data_dir=str(cfg.data_dir), seed=cfg.seed, val_fraction=cfg.val_fraction,
-    )
+    split_file = out.with_name(config.SPLIT_NAME)
+    if main:
+        save_split(
+            split_file,
+            [index.table.names[i] for i in train_idx],
+            [index.table.names[i] for i in val_idx],
+            data_dir=str(cfg.data_dir), seed=cfg.seed, val_fraction=cfg.val_fraction,
+        )
     pos_weight = compute_pos_weight(train_targets, attributes)
+    train_names = hashlib.sha256("\n".join(index.table.names[i] for i in train_idx).encode()).hexdigest()
+    distributed.check_same((train_names, pos_weight.tolist()), "the training split or pos_weight")
 
     model = build_model(cfg.backbone, len(attributes), cfg.weights, cfg.on_missing_weights).to(device)
     if cfg.channels_last:
@@ -353,16 +379,26 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
                      persistent_workers=cfg.num_workers > 0)
     # BatchNorm cannot train on a batch of one image, so a lone last image is left out of that epoch
     # (the shuffle differs per epoch, so a different image each time).
-    drop_last = len(train_set) % cfg.batch_size == 1
-    steps_per_epoch = len(train_set) // cfg.batch_size if drop_last else math.ceil(len(train_set) / cfg.batch_size)
+    # Under torchrun each process takes its interleaved share of the same shuffle, padded to equal length.
+    n_local = math.ceil(len(train_set) / distributed.world_size())
+    drop_last = n_local % batch_size == 1
+    steps_per_epoch = n_local // batch_size if drop_last else math.ceil(n_local / batch_size)
+    # The shuffle is randperm(n) seeded by (seed, epoch), drawn by the sampler: the same permutation for
+    # any number of processes, each taking its share. (A DataLoader's own shuffle also depends on how
+    # often the loader is iterated; tqdm.auto calls iter() once more.)
+    sampler = distributed.epoch_sampler(train_set, cfg.seed * 1000)
+    reduce_loss = None
+    if distributed.world_size() > 1:
+        def reduce_loss(loss, y):  # each process's mean loss, weighted into the global batch's
+            return distributed.global_mean_loss(loss, criterion.normalizer(y))
     scheduler = _make_scheduler(optimizer, cfg, steps_per_epoch)
 
     history = {"loss": [], "epoch_loss": [], "val_macro_ap": [], "epoch_seconds": []}
     start_epoch, best_ap, best_state = 0, -1.0, None
     state_file = resume_path(out)
-    if cfg.resume and state_file.is_file():
+    if cfg.resume and distributed.from_main(state_file.is_file):  # rank 0's file, sent to every process
         try:
-            state = safe_load(state_file)
+            state = distributed.from_main(lambda: safe_load(state_file))
         except CheckpointError as e:
             raise TrainingError(f"{e}; delete it or drop resume") from None
         saved = state.get("config") if isinstance(state, dict) else None
@@ -387,19 +423,23 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
     elif cfg.resume:
         print(f"No resumable state at {state_file}; starting from scratch")
 
+    # DistributedDataParallel under torchrun (frozen parameters are then "unused"), else the model itself.
+    trained = distributed.wrap(model, device, find_unused_parameters=cfg.freeze_epochs > 0)
     epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not cfg.progress,
                       initial=start_epoch, total=cfg.epochs)
     for epoch in epochs_bar:
-        set_seed(cfg.seed * 1000 + epoch)  # per-epoch seeding makes a resumed run replay exactly
+        set_seed(distributed.rank_seed(cfg.seed * 1000 + epoch))  # per-epoch seeding makes a resumed run replay exactly
         _set_backbone_trainable(model, epoch >= cfg.freeze_epochs)
+        sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
-            generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch), **loader_kw,
+            train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last,  # the generator seeds workers
+            generator=torch.Generator().manual_seed(distributed.rank_seed(cfg.seed * 1000 + epoch)), **loader_kw,
         )
         t0 = time.perf_counter()
         try:
-            losses = train_one_epoch(model, loader, criterion, optimizer, device, precision, cfg.channels_last,
-                                     spec.mean, spec.std, scheduler, scaler, ema, epoch, cfg.progress)
+            losses = train_one_epoch(trained, loader, criterion, optimizer, device, precision, cfg.channels_last,
+                                     spec.mean, spec.std, scheduler, scaler, ema, epoch, cfg.progress,
+                                     reduce_loss=reduce_loss)
         except TrainingError as e:
             kept = (f"the state after epoch {epoch} is kept in {state_file} (resume=True continues from it)"
                     if epoch > 0 else "no epoch had completed, so no state was saved")
@@ -408,7 +448,7 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
         history["epoch_loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(time.perf_counter() - t0)
         scored = ema.module if ema is not None else model
-        if len(val_set):
+        if len(val_set) and main:  # the other processes go on to the next epoch's first gradient exchange
             probs = infer_probabilities(scored, val_set, device, precision, cfg.channels_last, spec.mean, spec.std,
                                         tta=cfg.tta, batch_size=64)
             ap = macro_average_precision(val_set.targets.numpy(), probs)
@@ -418,14 +458,16 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
                 best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
         epochs_bar.set_postfix(loss=f"{history['epoch_loss'][-1]:.4f}",
                                val_ap=f"{history['val_macro_ap'][-1]:.3f}" if history["val_macro_ap"] else "-")
-        _atomic_torch_save({
-            "config": _resumable_config(cfg), "epoch": epoch + 1, "history": history,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "best_ap": best_ap, "best_state": best_state,
-        }, state_file)
+        if main:
+            _atomic_torch_save({
+                "config": _resumable_config(cfg), "epoch": epoch + 1, "history": history,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "best_ap": best_ap, "best_state": best_state,
+            }, state_file)
 
+    distributed.check_same(distributed.weights_digest(model), "the trained weights")
     final = ema.module if ema is not None else model
     if cfg.keep_best and best_state is not None:
         final.load_state_dict(best_state)
@@ -447,16 +489,18 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
         "split": {"file": str(split_file), "val": [index.table.names[i] for i in val_idx]},
         "data": {"dir": str(cfg.data_dir), "missing": index.missing, "unreadable": sorted(cache.failed.values())},
     }
-    checkpoint = save_checkpoint(out, final, meta)
-    state_file.unlink(missing_ok=True)
+    checkpoint = save_checkpoint(out, final, meta) if main else out
+    if main:
+        state_file.unlink(missing_ok=True)
     plot_path = None
-    if cfg.loss_plot:
+    if cfg.loss_plot and main:
         plot_path = Path(cfg.loss_plot)
         fig = plot_loss_curve(history["loss"], steps_per_epoch)
         fig.savefig(plot_path, dpi=120, bbox_inches="tight")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+    distributed.barrier()  # every process returns once rank 0 has written the checkpoint
     return TrainResult(final, meta, checkpoint, plot_path, history, time.perf_counter() - start)
 
 
