@@ -24,9 +24,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         s = line.strip()
         if ":" in s and "#" in s and "=" in s:
             comments[s.split(":")[0]] = s.split("#", 1)[1].strip()
-    p.add_argument("--recipe", choices=["original", "best"], default="original",
+    p.add_argument("--recipe", choices=["original", "pretrained"], default="original",
                    help="preset: 'original' (the seed recipe: ResNet18, Adam 1e-4, batch 16, 20 epochs; the defaults "
-                        "below) or 'best' (the recipe measured best on clipart); explicit flags override it")
+                        "below) or 'pretrained' (EfficientNet-Lite0 ImageNet fine-tuning, AdamW + cosine + crops + TTA); explicit flags "
+                        "override it")
     # Flags left out stay out of the namespace (SUPPRESS), so a preset can fill them.
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -43,9 +44,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from aimonk import distributed
-    from aimonk.train import BEST_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
+    from aimonk.train import PRETRAINED_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
 
-    preset = BEST_RECIPE if a.recipe == "best" else ORIGINAL_RECIPE
+    preset = PRETRAINED_RECIPE if a.recipe == "pretrained" else ORIGINAL_RECIPE
     cfg = TrainConfig.from_dict({**preset, **vars(a)})
     result = train(cfg)
     if not distributed.is_main():

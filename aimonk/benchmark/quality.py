@@ -1,6 +1,6 @@
 """Quality benchmark: recipes against baselines on the same grouped, stratified folds.
 
-``python -m aimonk.benchmark quality --data DIR [--folds 3] [--recipes original,best,frozen_lr]``
+``python -m aimonk.benchmark quality --data DIR [--folds 3] [--recipes original,pretrained,frozen_lr]``
 
 For each fold, every recipe trains on the other folds (with its own inner validation split for
 threshold tuning and early stopping) and is scored on the held-out fold. The table reports
@@ -25,7 +25,7 @@ from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import (
     apply_decisions, choose_decisions, macro_average_precision, majority_f1, permutation_auc, score_folder,
 )
-from aimonk.train import BEST_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
+from aimonk.train import PRETRAINED_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
 
 
 def _macro(fn, targets: np.ndarray, values: np.ndarray) -> float:
@@ -133,7 +133,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     digests = [file_digest(p) for p in index.paths]
     fold_rows = make_folds(index.table.targets, digests, folds, seed)
     names = np.asarray(index.table.names)
-    recipes_cfg = {"original": ORIGINAL_RECIPE, "best": BEST_RECIPE}
+    recipes_cfg = {"original": ORIGINAL_RECIPE, "pretrained": PRETRAINED_RECIPE}
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
     for k, test_rows in enumerate(fold_rows[:run_folds]):
@@ -144,7 +144,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
         for recipe in recipes:
             t0 = time.perf_counter()
             if recipe == "frozen_lr":
-                cfg = TrainConfig(**BEST_RECIPE) if image_size is None else TrainConfig(**{**BEST_RECIPE, "image_size": image_size})
+                cfg = TrainConfig(**PRETRAINED_RECIPE) if image_size is None else TrainConfig(**{**PRETRAINED_RECIPE, "image_size": image_size})
                 from aimonk.data import make_split
 
                 tr, va = make_split(index.table.targets[train_rows], [digests[i] for i in train_rows], 0.2, seed)
@@ -156,7 +156,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                     params["epochs"] = epochs
                 if image_size is not None:
                     params["image_size"] = image_size
-                if recipe == "best" and overrides:
+                if recipe == "pretrained" and overrides:
                     params.update(overrides)
                 cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
                                      "loss_plot": "", "seed": seed, "progress": progress})
@@ -184,20 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m aimonk.benchmark quality", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with labels.txt and images/")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
-    p.add_argument("--recipes", default="original,best,frozen_lr", help="comma-separated: original, best, frozen_lr")
+    p.add_argument("--recipes", default="original,pretrained,frozen_lr",
+                   help="comma-separated: original, pretrained, frozen_lr")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke runs)")
     p.add_argument("--image-size", type=int, default=None, help="override every recipe's image size (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")
     p.add_argument("--run-folds", type=int, default=None, help="score only the first N folds (screening)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the best recipe, e.g. --set lr=1e-3 (screening)")
+                   help="override a field of the pretrained recipe, e.g. --set lr=1e-3 (screening)")
     p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
     a = p.parse_args(argv)
     start = time.perf_counter()
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
-        default = BEST_RECIPE.get(key, getattr(TrainConfig, key, ""))
+        default = PRETRAINED_RECIPE.get(key, getattr(TrainConfig, key, ""))
         overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
     df = run(a.data, [r.strip() for r in a.recipes.split(",") if r.strip()], a.folds, a.seed, a.epochs, a.image_size,
              run_folds=a.run_folds, overrides=overrides)
