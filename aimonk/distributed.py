@@ -190,10 +190,24 @@ def epoch_sampler(dataset: Dataset, seed: int) -> DistributedSampler:
                               drop_last=False)
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the incoming gradients over processes too."""
 
-    return all_reduce(t)  # differentiable: its backward sums the gradients over processes too
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(t)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
