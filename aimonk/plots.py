@@ -136,13 +136,17 @@ def plot_confusion_matrices(targets: np.ndarray, pred: np.ndarray, attributes: S
 
 
 def plot_threshold_sweep(sweep: pd.DataFrame, chosen: dict[str, float] | None = None) -> Figure:
-    """Precision, recall and F1 against threshold per attribute, with the chosen threshold marked."""
+    """Precision, recall and F1 against threshold per attribute, with the chosen threshold marked.
+
+    Attributes missing from ``chosen`` (e.g. decided by the majority rule) get no marker.
+    """
     long = sweep.melt(id_vars=["attribute", "threshold"], value_vars=["precision", "recall", "f1"], var_name="metric")
     g = sns.relplot(data=long, x="threshold", y="value", hue="metric", col="attribute", kind="line",
                     height=3, aspect=1.0, facet_kws={"sharey": True})
     if chosen:
         for a, ax in g.axes_dict.items():
-            ax.axvline(chosen.get(a, 0.5), color="k", ls="--", lw=1)
+            if a in chosen:
+                ax.axvline(chosen[a], color="k", ls="--", lw=1)
     g.figure.suptitle("Threshold sweep on validation (dashed: chosen)", y=1.04)
     return g.figure
 

@@ -30,8 +30,8 @@ ABSENT_COLOR = "#c8c8c8"
 ERROR_COLOR = "#c0392b"
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def thumbnail_png(img: Image.Image, size: int) -> bytes:
@@ -120,7 +120,7 @@ class UploadPanel(widgets.VBox):
         if error:
             return f"<span style='color:{ERROR_COLOR}'>{html.escape(error)}</span>"
         return (f"<span style='color:#666'>Upload a JPEG, PNG or other image (at most "
-                f"{_mib(self.max_bytes)}).</span>")
+                f"{_size(self.max_bytes)}).</span>")
 
     def _error(self, text: str) -> None:
         self.name, self.probs, self.present = None, None, []
@@ -152,7 +152,7 @@ class UploadPanel(widgets.VBox):
         content = item.get("content", b"")
         size = max(int(item.get("size") or 0), len(content))
         if size > self.max_bytes:
-            self._error(f"{name} is {_mib(size)}; the limit is {_mib(self.max_bytes)}. Please upload a smaller image.")
+            self._error(f"{name} is {_size(size)}; the limit is {_size(self.max_bytes)}. Please upload a smaller image.")
             return
         if size == 0:
             self._error(f"{name} is empty (0 bytes).")
@@ -168,7 +168,7 @@ class UploadPanel(widgets.VBox):
         self.name = name
         self.image.value = thumbnail_png(img, self.display_size)
         self.message.value = (f"<span style='color:#666'>{html.escape(name)}: {img.width} x {img.height} px, "
-                              f"{_mib(size)}</span>")
+                              f"{_size(size)}</span>")
         self.body.layout.display = "flex"
         self.redecide()
 

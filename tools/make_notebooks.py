@@ -303,12 +303,13 @@ plots.save(fig, "pr_curves.png");
 For each attribute, precision, recall and F1 over thresholds from 0.02 to 0.98. Where the AUC
 interval shows signal, the threshold with the best F1 is chosen (dashed line). Where it does not,
 a threshold would only fit noise, so the attribute falls back to its majority decision
-(always present, or always absent), stated openly below.
+(always present, or always absent; no dashed line), stated openly below.
 """),
     code("""
 thresholds, decisions = choose_decisions(targets, probs, attributes, n_boot=n_boot, seed=seed)
 sweep = threshold_sweep(targets, probs, attributes)
-fig = plots.plot_threshold_sweep(sweep, chosen=dict(zip(attributes, thresholds)))
+chosen = {a: t for a, t, d in zip(attributes, thresholds, decisions) if d == "threshold"}
+fig = plots.plot_threshold_sweep(sweep, chosen=chosen)
 plots.save(fig, "threshold_sweep.png");
 """),
     code("""
