@@ -122,7 +122,8 @@ def has_signal(lo: float) -> bool:
 
 def choose_decisions(targets: np.ndarray, probs: np.ndarray, attributes: Sequence[str],
                      n_boot: int = 1000, seed: int = 0) -> tuple[list[float], list[str]]:
-    """Per attribute: a tuned threshold where validation shows signal, else the majority decision.
+    """Per attribute: a tuned threshold where validation shows signal and it beats the majority rule there,
+    else the majority decision.
 
     Returns:
         ``(thresholds, decisions)``; a decision is ``"threshold"``, ``"majority_present"`` or
@@ -133,7 +134,10 @@ def choose_decisions(targets: np.ndarray, probs: np.ndarray, attributes: Sequenc
     for j in range(len(attributes)):
         y, p = _known(targets, probs, j)
         lo, _ = bootstrap_auc(y, p, n_boot, seed)
-        if has_signal(lo):
+        tuned_f1 = precision_recall_fscore_support(y, p >= thresholds[j], average="binary", zero_division=0)[2] \
+            if len(y) else 0.0
+        # A threshold is used only with evidence of signal AND when it beats the majority rule on validation.
+        if has_signal(lo) and tuned_f1 > majority_f1(y):
             decisions.append("threshold")
         else:
             decisions.append("majority_present" if len(y) and y.mean() >= 0.5 else "majority_absent")
