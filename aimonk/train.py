@@ -145,8 +145,9 @@ def autocast(device: torch.device, precision: str):
 def make_optimizer(params, name: str, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
     """Adam or AdamW, with the fused kernel on CPU and CUDA.
 
-    The fused kernel updates every parameter in one pass; on the 2-core CPU it made a ResNet18
-    training step about 1.4x faster than the default per-parameter loop (``python -m aimonk.benchmark speed --tune``).
+    The fused kernel updates every parameter in one pass. On the shared 2-core CPU a ResNet18 bf16
+    epoch was 1.3x faster than with the default per-parameter loop while the machine was busy, and
+    about as fast when it was idle (``python -m aimonk.benchmark speed --tune --experiments optimizer``).
     """
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(name)
     if opt_cls is None:

@@ -15,7 +15,7 @@ Both loops see the same images for the same number of epochs:
   ``Predictor.predict_many`` (model loaded once, batches through a DataLoader) and, for latency,
   ``Predictor.predict``.
 
-The two loops take turns (epoch by epoch, inference chunk by chunk, call by call) so that a load
+The two loops take turns (batch by batch, inference chunk by chunk, call by call) so that a load
 change on a shared machine hits both alike: the ratios are the figures to trust, not the absolute
 img/s. FLOPs are counted by ``torch.utils.flop_counter`` at 2 FLOP per multiply-add (ResNet18 at
 224 px: 3.64 GFLOP, i.e. the usual "1.82 GFLOPs" multiply-adds), a training step as 3 forward
@@ -38,7 +38,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -61,6 +60,7 @@ from aimonk.train import (
     autocast, make_optimizer, resolve_precision, select_device, set_seed, train_one_epoch, train_transform,
 )
 
+TUNING_EXPERIMENTS = ("loader", "precision", "optimizer", "fold", "compile")
 TRAIN_STEP_FORWARDS = 3  # a training step costs about three forward passes (forward, input grads, weight grads)
 
 
@@ -84,6 +84,7 @@ class SpeedConfig:
     seed: int = 0  # model initialisation and shuffling
     tune_images: int = 128  # tuning: images per tuning epoch
     tune_rounds: int = 3  # tuning: rounds of every variant (medians over rounds)
+    experiments: str = "loader,precision,optimizer,fold"  # tuning: which experiments, comma-separated
     compile: bool = False  # tuning: also measure torch.compile
 
 
@@ -108,49 +109,61 @@ def _current_rss() -> int | None:
             return None
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable processes), to say how busy the machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def process_peak_rss() -> int:
     """The process's lifetime peak resident memory in bytes (``getrusage``)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-class PeakRSS:
-    """Samples this process's resident memory in a thread and keeps the peak of each labelled phase.
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``VmHWM``) to the current RSS; False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    Use ``with monitor.phase("original"): ...``; ``peaks["original"]`` is then the highest RSS seen
-    while that label was active (bytes). It samples every ``interval`` seconds plus at each phase edge.
+
+def _peak_rss_since_reset() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PeakRSS:
+    """The peak resident memory of each labelled phase: ``with monitor.phase("original"): ...``.
+
+    On Linux it reads the kernel's high-water mark, reset at the start of every phase, so the peak
+    is exact and costs nothing while the phase runs. Elsewhere it falls back to the RSS at the
+    phase edges (a lower bound). There is deliberately no sampling thread: one waking every 10 ms
+    made the bf16 training step twice as slow on the shared 2-core machine.
     """
 
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
+    def __init__(self):
         self.peaks: dict[str, int] = {}
-        self._label: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        label, rss = self._label, _current_rss()
-        if label is not None and rss is not None:
-            self.peaks[label] = max(self.peaks.get(label, 0), rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
+        self.exact = _reset_peak_rss() and _peak_rss_since_reset() is not None
 
     @contextmanager
     def phase(self, label: str):
-        self._label = label
-        self._sample()
+        start = _reset_peak_rss() if self.exact else _current_rss()
         try:
             yield
         finally:
-            self._sample()
-            self._label = None
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+            peak = _peak_rss_since_reset() if self.exact else max(start or 0, _current_rss() or 0)
+            self.peaks[label] = max(self.peaks.get(label, 0), peak or 0)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 4096,
@@ -217,24 +230,20 @@ class OriginalDataset(Dataset):
         return x, self.targets[i]
 
 
-def original_train_epoch(model: nn.Module, loader: DataLoader, criterion: nn.Module,
-                         optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
-    """One fp32 NCHW epoch, the way the original solution trains.
+def original_train_step(model: nn.Module, batch, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                        device: torch.device) -> float:
+    """One fp32 NCHW optimisation step, the way the original solution trains (``model.train()`` is the caller's).
 
     Returns:
-        The loss of every iteration.
+        The loss.
     """
-    model.train()
-    losses = []
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)  # (B, 3, S, S), (B, n_attributes)
-        logits = model(x)  # (B, n_attributes)
-        loss = criterion(logits, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    x, y = batch[0].to(device), batch[1].to(device)  # (B, 3, S, S), (B, n_attributes)
+    logits = model(x)  # (B, n_attributes)
+    loss = criterion(logits, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 @torch.no_grad()
@@ -303,6 +312,7 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         f"{cfg.backbone}, {cfg.epochs} epochs, device {device} ({torch.get_num_threads()} threads); "
         f"project precision {precision}, channels_last={cfg.channels_last}")
 
+    load_before = _load_average()
     peak = {"bf16": measure_peak_flops(device, torch.bfloat16, cfg.peak_size),
             "fp32": measure_peak_flops(device, torch.float32, cfg.peak_size)}
     flops = forward_flops(cfg.backbone, n_attr, cfg.image_size)
@@ -311,12 +321,11 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
 
     baseline = _current_rss() or 0  # torch and the libraries, before either loop holds anything
     rss = PeakRSS()
-    tmp = tempfile.TemporaryDirectory(prefix="aimonk-speed-")
-    try:
-        res = _compare_loops(cfg, device, precision, spec, paths, targets, rss, Path(tmp.name), log)
-    finally:
-        rss.close()
-        tmp.cleanup()
+    with tempfile.TemporaryDirectory(prefix="aimonk-speed-") as tmp:
+        res = _compare_loops(cfg, device, precision, spec, paths, targets, rss, Path(tmp), log)
+    # The peak again at the end; the better of the two is the one least disturbed by other work.
+    for dtype, key in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        peak[key] = max(peak[key], measure_peak_flops(device, dtype, cfg.peak_size))
     for loop in ("original", "project"):
         r = res[loop]
         r["peak_rss_mb"] = rss.peaks.get(loop, 0) / 2**20
@@ -332,6 +341,7 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         "config": asdict(cfg), "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
         "n_images": len(res["project"]["ok"]), "peak_flops": peak, "forward_flops": flops,
         "process_peak_rss_mb": process_peak_rss() / 2**20, "baseline_rss_mb": baseline / 2**20,
+        "load_average": [load_before, _load_average()], "exact_peak_rss": rss.exact,
         "original": {k: v for k, v in res["original"].items()},
         "project": {k: v for k, v in res["project"].items() if k != "ok"},
         "ratios": ratios,
@@ -361,6 +371,7 @@ def _compare_loops(cfg, device, precision, spec, paths, targets, rss: PeakRSS, t
     cache = train_set = None
     ok = list(range(len(paths)))
     for epoch in range(cfg.epochs):
+        # The loops take turns batch by batch, so a load change on the machine hits both alike.
         gen = lambda: torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # noqa: E731
         with rss.phase("project"):
             _sync(device)
@@ -371,20 +382,29 @@ def _compare_loops(cfg, device, precision, spec, paths, targets, rss: PeakRSS, t
                 proj["cache_seconds"] = time.perf_counter() - t0
                 ok = cache.ok
                 train_set = ImageDataset(Subset(cache, ok), targets[ok], train_transform("flip", cfg.image_size))
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen(),
-                                drop_last=_drop_last(len(ok), cfg.batch_size), **_loader_kw(cfg.num_workers, device))
-            train_one_epoch(proj_model, loader, criterion, proj_opt, device, precision, cfg.channels_last,
-                            spec.mean, spec.std, progress=False)
-            _sync(device)
-            proj["epoch_seconds"].append(time.perf_counter() - t0)
+            proj_batches = iter(DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen(),
+                                           drop_last=_drop_last(len(ok), cfg.batch_size),
+                                           **_loader_kw(cfg.num_workers, device)))
+            t_proj = time.perf_counter() - t0
         with rss.phase("original"):
-            loader = DataLoader(OriginalDataset([paths[i] for i in ok], targets[ok], orig_tf), batch_size=cfg.batch_size,
-                                shuffle=True, generator=gen(), drop_last=_drop_last(len(ok), cfg.batch_size),
-                                num_workers=0)
-            _, seconds = _timed(lambda: original_train_epoch(orig_model, loader, criterion, orig_opt, device), device)
-            orig["epoch_seconds"].append(seconds)
-        log(f"  epoch {epoch + 1}: original {_rate(len(ok), orig['epoch_seconds'][-1]):.1f} img/s, "
-            f"project {_rate(len(ok), proj['epoch_seconds'][-1]):.1f} img/s")
+            t0 = time.perf_counter()
+            orig_loader = DataLoader(OriginalDataset([paths[i] for i in ok], targets[ok], orig_tf),
+                                     batch_size=cfg.batch_size, shuffle=True, generator=gen(),
+                                     drop_last=_drop_last(len(ok), cfg.batch_size), num_workers=0)
+            orig_batches = iter(orig_loader)
+            orig_model.train()
+            t_orig = time.perf_counter() - t0
+        for _ in range(len(orig_loader)):
+            with rss.phase("project"):  # train_one_epoch over a one-batch loader: the project's own step
+                t_proj += _timed(lambda: train_one_epoch(proj_model, [next(proj_batches)], criterion, proj_opt, device,
+                                                         precision, cfg.channels_last, spec.mean, spec.std,
+                                                         progress=False), device)[1]
+            with rss.phase("original"):  # fetching the batch (PIL decoding) is inside the timing
+                t_orig += _timed(lambda: original_train_step(orig_model, next(orig_batches), criterion, orig_opt,
+                                                             device), device)[1]
+        proj["epoch_seconds"].append(t_proj)
+        orig["epoch_seconds"].append(t_orig)
+        log(f"  epoch {epoch + 1}: original {_rate(len(ok), t_orig):.1f} img/s, project {_rate(len(ok), t_proj):.1f} img/s")
     for r in (orig, proj):
         rates = [_rate(len(ok), s) for s in r["epoch_seconds"]]
         r["train_first"] = rates[0]
@@ -458,6 +478,10 @@ def _compare_latency(cfg, device, predictor, orig_model, spec, path: Path, rss, 
     proj["latency_ms"], orig["latency_ms"] = 1e3 * statistics.median(t_proj), 1e3 * statistics.median(t_orig)
 
 
+def _fmt_load(loads) -> str:
+    return " -> ".join("?" if x is None else f"{x:.1f}" for x in loads)
+
+
 def format_report(res: dict) -> str:
     """The comparison as a plain-text table with the ratios and the notes needed to read it."""
     o, p, r = res["original"], res["project"], res["ratios"]
@@ -483,12 +507,14 @@ def format_report(res: dict) -> str:
     lines += [
         "",
         f"Setup: {n} images, {s} px, batch {cfg['batch_size']}, {cfg['backbone']}, {cfg['epochs']} epochs per loop, "
-        f"device {res['device']} ({res['threads']} threads). Original: PIL decode every epoch, fp32 NCHW, "
+        f"device {res['device']} ({res['threads']} threads), load average {_fmt_load(res['load_average'])}. "
+        "Original: PIL decode every epoch, fp32 NCHW, "
         f"num_workers=0, per-parameter Adam. Project: decoded cache, {res['precision']} "
         f"{'channels_last' if cfg['channels_last'] else 'NCHW'}, fused Adam, num_workers={cfg['num_workers']}.",
         f"Project first epoch includes hashing and decoding {n} images into a cold cache: {p['cache_seconds']:.1f} s.",
         "Steady state = median over epochs 2..N. Latency and RSS: lower is better (ratio < 1 = project better).",
-        f"Reference peak: best {cfg['peak_size']}x{cfg['peak_size']} bf16 matmul measured now, "
+        "The loops take turns batch by batch (inference: 2 batches at a time; latency: call by call).",
+        f"Reference peak: best {cfg['peak_size']}x{cfg['peak_size']} bf16 matmul, measured before and after, "
         f"{res['peak_flops']['bf16'] / 1e9:.0f} GFLOP/s (fp32: {res['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s); "
         f"{cfg['backbone']} forward = {res['forward_flops'] / 1e9:.2f} GFLOP/image at {s} px (2 FLOP per multiply-add), "
         f"training step = {TRAIN_STEP_FORWARDS}x forward.",
@@ -496,7 +522,8 @@ def format_report(res: dict) -> str:
         f"{p['cache_mb']:.0f} MiB here), read one item at a time, so RAM is O(batch) and does not grow with the "
         f"number of images; disk grows linearly. RSS before both loops (torch and libraries): "
         f"{res['baseline_rss_mb']:.0f} MiB; process peak (getrusage): {res['process_peak_rss_mb']:.0f} MiB. Both "
-        "loops' models live in the one process throughout.",
+        "loops' models live in the one process throughout; per-loop peaks are "
+        f"{'exact (kernel high-water mark)' if res['exact_peak_rss'] else 'RSS at phase edges (a lower bound)'}.",
     ]
     return "\n".join(lines)
 
@@ -545,12 +572,12 @@ def tune(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         log(f"tune: {len(ok)} cached images at {cfg.image_size} px, batch {cfg.batch_size}, {cfg.backbone}, "
             f"device {device} ({torch.get_num_threads()} threads); {cfg.tune_rounds} rounds in turns, medians")
         t = _Tuning(cfg, device, train_set, targets.shape[1], criterion, log)
-        out["loader"] = t.loader()
-        out["precision"] = t.precision_and_format()
-        out["optimizer"] = t.optimizer()
-        out["fold_batchnorm"] = t.fold()
-        if cfg.compile:
-            out["compile"] = t.compile()
+        chosen = [e.strip() for e in cfg.experiments.split(",") if e.strip()] + (["compile"] if cfg.compile else [])
+        for name in dict.fromkeys(chosen):
+            if name not in TUNING_EXPERIMENTS:
+                raise ValueError(f"unknown tuning experiment {name!r}; choose from {', '.join(TUNING_EXPERIMENTS)}")
+            out[name] = {"loader": t.loader, "precision": t.precision_and_format, "optimizer": t.optimizer,
+                         "fold": t.fold, "compile": t.compile}[name]()
     return out
 
 
@@ -692,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="run the tuning experiments instead of the comparison")
     p.add_argument("--tune-images", type=int, default=128, help="tuning: images per epoch")
     p.add_argument("--tune-rounds", type=int, default=3, help="tuning: rounds per variant")
+    p.add_argument("--experiments", default=SpeedConfig.experiments,
+                   help=f"tuning: comma-separated, from {', '.join(TUNING_EXPERIMENTS)}")
     p.add_argument("--compile", action="store_true", help="tuning: also measure torch.compile")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p
