@@ -220,5 +220,5 @@ def upload_panel(model_path: str | os.PathLike | Predictor = config.DEFAULT_MODE
         predictor = get_predictor(model_path)
     except CheckpointError as e:
         return UploadPanel(None, default_threshold, display_size, max_bytes,
-                           error=f"{e}. Train a model first (notebook 02_train or: python -m aimonk train --data DIR).")
+                           error=f"{e}. Train a model first: make reports (or python -m aimonk train --data data/sample).")
     return UploadPanel(predictor, default_threshold, display_size, max_bytes)

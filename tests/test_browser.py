@@ -381,8 +381,6 @@ def test_voila_non_image_and_upload_sizes(voila_url, page, attributes):
     expect(page.locator(".widget-html pre")).to_contain_text("Image: image_0.jpg")
 
 
-@pytest.mark.xfail(strict=True, reason="notebook 04 stops at load_split() when there is no model, so Voila "
-                                       "shows a generic cell error instead of the panel's message")
 def test_voila_without_model_names_the_command(page, tmp_path):
     from playwright.sync_api import expect
 

@@ -373,7 +373,8 @@ from aimonk.widgets import upload_panel
 
 model_path = config.output_dir(out_dir) / config.DEFAULT_MODEL_NAME
 images_dir = config.resolve_path(data_dir) / "images"
-examples = load_split(model_path.with_name(config.SPLIT_NAME))["val"][:n_examples]
+split_file = model_path.with_name(config.SPLIT_NAME)
+examples = load_split(split_file)["val"][:n_examples] if split_file.is_file() else []  # none before 02 has run
 examples
 """),
     md("""
@@ -388,8 +389,8 @@ for name in examples:
 """),
     md("The returned result carries the probabilities and the thresholds that decided:"),
     code("""
-result = predict(images_dir / examples[0], model=model_path, threshold=threshold, show=False)
-result.probabilities, result.thresholds
+results = [predict(images_dir / name, model=model_path, threshold=threshold, show=False) for name in examples[:1]]
+[(r.probabilities, r.thresholds) for r in results]
 """),
     md("""
 ## Upload panel
