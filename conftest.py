@@ -15,6 +15,10 @@ _created: list[Path] = []
 def pytest_configure(config):
     # Runs before aimonk is imported (aimonk.config reads these once) and before nbval starts its
     # kernels, which inherit this environment, so the notebooks under test write here too.
+    # nbval reads a kernel's messages only after each cell, and the kernel's IOPub queue drops what
+    # exceeds its high-water mark (1000), the final "idle" included; per-batch progress-bar widget
+    # updates over a 20-epoch training cell come close to that. Fewer updates keep it well below.
+    os.environ.setdefault("TQDM_MININTERVAL", "5")
     if all(var in os.environ for var, _ in _VARS):
         return
     root = Path(tempfile.mkdtemp(prefix="aimonk-tests-"))
