@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 ATTRIBUTES = ["Attr1", "Attr2", "Attr3", "Attr4"]
 
@@ -82,3 +83,13 @@ def constant_checkpoint(make_constant_checkpoint, tmp_path):
         return make_constant_checkpoint(probs, path or tmp_path / "constant.pth", **kw)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: faster on a shared 2-core machine, and both runs of a compared pair
+    (and the subprocesses, which set OMP_NUM_THREADS=1) use the same count, so results match exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

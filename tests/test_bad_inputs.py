@@ -34,13 +34,7 @@ from aimonk.train import TrainConfig, train
 ATTRS = ["Attr1", "Attr2", "Attr3", "Attr4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Training and inference on one thread: faster on a shared 2-core machine, same results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -15,13 +15,7 @@ from aimonk.predict import Predictor
 from aimonk.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Fewer threads is faster on a shared 2-core machine; both runs of a pair use the same count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ from aimonk.train import TrainConfig, TrainingError, resume_path, train
 REPO = config.PROJECT_ROOT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread, as in the subprocesses below: faster on a shared 2-core machine, same results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sample_subset(dst: Path, n: int = 12) -> Path:
