@@ -133,3 +133,20 @@ def test_training_uses_the_fused_optimizer():
         assert opt.defaults["fused"] is True
     with pytest.raises(ValueError, match="adam or adamw"):
         make_optimizer(params, "sgd", 1e-3, 0.0, torch.device("cpu"))
+
+
+def test_batch_decoding_threads_give_the_same_items_and_errors(sample_dir, tmp_path):
+    import torch
+
+    from aimonk.predict import _DecodeDataset
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    sources = sorted((sample_dir / "images").glob("*.jpg"))[:5] + [broken]
+    ds = _DecodeDataset(sources, [str(s) for s in sources], 32)
+    batch = ds.__getitems__(list(range(len(ds))))
+    for i, (x, err) in enumerate(batch):
+        x1, err1 = ds[i]
+        assert torch.equal(x, x1) and err == err1
+    assert batch[-1][1] and "broken.jpg" in batch[-1][1]
+    assert not any(err for _, err in batch[:-1])
