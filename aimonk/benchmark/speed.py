@@ -18,13 +18,15 @@ Both loops see the same images for the same number of epochs:
 The two loops take turns (batch by batch, inference chunk by chunk, call by call) so that a load
 change on a shared machine hits both alike: the ratios are the figures to trust, not the absolute
 img/s. FLOPs are counted by ``torch.utils.flop_counter`` at 2 FLOP per multiply-add (ResNet18 at
-224 px: 3.64 GFLOP, i.e. the usual "1.82 GFLOPs" multiply-adds), a training step as 3 forward
+224 px: 3.63 GFLOP, i.e. the usual "1.82 GFLOPs" multiply-adds), a training step as 3 forward
 passes. The reference peak is the best of a few large bf16 matmuls (2 n^3 FLOP each) measured
 here, not a datasheet figure.
 
 ``--tune`` runs the tuning experiments instead: DataLoader workers / pinning / persistent
-workers on the cached loader, precision x memory format for the backbone, the optimizer kernel,
-and with ``--compile`` also ``torch.compile``.
+workers on the cached loader, precision x memory format for the backbone, the Adam kernel,
+BatchNorm folding, and with ``--compile`` also ``torch.compile`` (``--experiments`` picks some).
+Other jobs on the machine shrink the ratios (OpenMP threads wait for cores, and the faster loop
+loses more): compare ratios within one run and note the load average it prints.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.model import BACKBONES, build_model, save_checkpoint
 from aimonk.predict import Predictor, fold_batchnorm, infer_probabilities
 from aimonk.train import (
-    autocast, make_optimizer, resolve_precision, select_device, set_seed, train_one_epoch, train_transform,
+    make_optimizer, resolve_precision, select_device, set_seed, train_one_epoch, train_transform,
 )
 
 TUNING_EXPERIMENTS = ("loader", "precision", "optimizer", "fold", "compile")
