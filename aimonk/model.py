@@ -95,10 +95,14 @@ def _make_architecture(backbone: str, num_attributes: int) -> nn.Module:
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
 
 
+def head_module(model: nn.Module) -> nn.Linear:
+    """The classification head: the final ``nn.Linear`` (``fc`` or ``_fc``)."""
+    return getattr(model, "fc", None) or getattr(model, "_fc")
+
+
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of the freshly initialised classification head."""
-    head = getattr(model, "fc", None) or getattr(model, "_fc")
-    return list(head.parameters())
+    return list(head_module(model).parameters())
 
 
 def build_model(

@@ -16,7 +16,7 @@ from PIL import Image
 from aimonk import config
 from aimonk.cli import main
 from aimonk.model import load_checkpoint
-from aimonk.train import TrainConfig
+from aimonk.train import PRETRAINED_RECIPE, TrainConfig, recipe_config
 
 PROBS = [0.9, 0.2, 0.4, 0.7]
 
@@ -95,9 +95,24 @@ def test_train_flags_fill_the_dataclass():
 
     args = build_parser().parse_args(["train", "--data", "d", "--epochs", "3", "--lr", "0.001", "--no-channels-last",
                                       "--tta", "--image-size", "64"])
-    cfg = TrainConfig.from_dict(vars(args))
+    values = vars(args)
+    cfg = recipe_config(values.pop("recipe"), **values)
     assert (cfg.data_dir, cfg.epochs, cfg.lr, cfg.channels_last, cfg.tta, cfg.image_size) == ("d", 3, 1e-3, False, True, 64)
-    assert cfg.batch_size == 16 and cfg.optimizer == "adam" and cfg.out == str(config.DEFAULT_MODEL)
+    # Flags not given come from the default recipe (the best measured one), then from the dataclass.
+    assert cfg.backbone == PRETRAINED_RECIPE["backbone"] and cfg.batch_size == PRETRAINED_RECIPE["batch_size"]
+    assert cfg.out == str(config.DEFAULT_MODEL)
+
+
+def test_recipe_original_reproduces_the_seed_recipe_and_flags_override_it():
+    from aimonk.cli import build_parser
+
+    values = vars(build_parser().parse_args(["train", "--data", "d", "--recipe", "original", "--epochs", "2"]))
+    cfg = recipe_config(values.pop("recipe"), **values)
+    assert (cfg.backbone, cfg.optimizer, cfg.lr, cfg.batch_size, cfg.schedule, cfg.augment) == (
+        "resnet18", "adam", 1e-4, 16, "constant", "flip")
+    assert cfg.epochs == 2 and cfg.weights == "imagenet"
+    with pytest.raises(ValueError, match="recipe must be one of pretrained, original"):
+        recipe_config("best")
 
 
 def test_train_on_a_bad_labels_file_exits_with_the_line(cli, tmp_path):

@@ -20,6 +20,7 @@ from aimonk.train import (
     TrainConfig,
     TrainingError,
     check_writable,
+    linear_probe_head,
     resolve_precision,
     select_device,
     set_seed,
@@ -154,6 +155,56 @@ def test_resnet18_from_scratch_learns_on_the_sample(tmp_path, sample_dir):
     assert ap == pytest.approx(result.history["val_macro_ap"][-1], abs=0.02)
     assert ap > pos_rate + 0.25
     assert np.mean(result.history["loss"][-5:]) < np.mean(result.history["loss"][:5])
+
+
+class ColourNet(nn.Module):
+    """Features = mean colour per channel, so a linear head on them can be fitted exactly."""
+
+    def __init__(self, n_attributes: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(3, n_attributes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def test_linear_probe_head_fits_each_attribute_on_known_labels_only():
+    from sklearn.metrics import roc_auc_score
+
+    from aimonk.data import ImageDataset
+
+    g = np.random.default_rng(0)
+    colours = g.integers(0, 256, (60, 3))
+    images = np.repeat(np.repeat(colours[:, :, None, None], 4, 2), 4, 3).astype(np.uint8)  # (60, 3, 4, 4)
+    targets = np.stack([colours[:, 0] > 128, colours[:, 1] > 100, np.zeros(60)], 1).astype(np.float32)
+    targets[:20, 0] = 1 - targets[:20, 0]  # wrong labels ...
+    targets[:20, 0] = -1  # ... hidden as NA: an NA must never be read as a label
+    model = ColourNet()
+    untouched = model.fc.weight[2].detach().clone()
+    dataset = ImageDataset(list(images), targets)
+    linear_probe_head(model, dataset, torch.device("cpu"), mean=(0.5,) * 3, std=(0.5,) * 3, C=100.0)
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(images).float() / 127.5 - 1
+        logits = model(x).numpy()
+    assert roc_auc_score(colours[20:, 0] > 128, logits[20:, 0]) > 0.99
+    assert roc_auc_score(targets[:, 1], logits[:, 1]) > 0.99
+    assert torch.equal(model.fc.weight[2], untouched)  # one known class only: the random row is kept
+
+
+def test_train_with_a_linear_probe_head_scores_before_any_fine_tuning(tmp_path, sample_dir, one_thread):
+    from aimonk.evaluate import macro_average_precision, score_folder
+
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", head_init="linear_probe",
+                      out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+    with pytest.warns(UserWarning, match="image_201.jpg"):
+        result = train(cfg)
+    targets, probs, _, _ = score_folder(result.checkpoint, sample_dir, names=load_split(tmp_path / config.SPLIT_NAME)["val"])
+    pos_rate = np.mean([targets[targets[:, j] >= 0, j].mean() for j in range(targets.shape[1])])
+    assert macro_average_precision(targets, probs) > pos_rate + 0.1  # random features, fitted head
+    with pytest.raises(ValueError, match="head_init must be random or linear_probe"):
+        train(TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", head_init="lp",
+                          out=str(tmp_path / "m2.pth"), loss_plot="", progress=False))
 
 
 # --------------------------------------------------------------------------- settings
