@@ -208,8 +208,10 @@ def report_to_json(report: pd.DataFrame) -> dict:
 
 
 def score_folder(model_path: str | os.PathLike, data_dir: str | os.PathLike, names: Sequence[str] | None = None,
-                 cache_dir: str | None = None, progress: bool = False):
+                 cache_dir: str | None = None, progress: bool = False, tta: bool | None = None):
     """Probabilities of a checkpoint on a labelled folder (optionally only the rows in ``names``).
+
+    ``tta`` (flip test-time augmentation) defaults to the checkpoint's own setting.
 
     Returns:
         ``(targets, probs, names, predictor)`` for the readable, present images.
@@ -234,5 +236,6 @@ def score_folder(model_path: str | os.PathLike, data_dir: str | os.PathLike, nam
     ok = cache.ok
     ds = ImageDataset(torch.utils.data.Subset(cache, ok), index.table.targets[[rows[i] for i in ok]])
     probs = infer_probabilities(predictor.model, ds, predictor.device, predictor.precision, predictor.channels_last,
-                                predictor.meta["mean"], predictor.meta["std"], tta=bool(predictor.meta.get("tta")))
+                                predictor.meta["mean"], predictor.meta["std"],
+                                tta=bool(predictor.meta.get("tta")) if tta is None else tta)
     return ds.targets.numpy(), probs, [index.table.names[rows[i]] for i in ok], predictor

@@ -9,9 +9,10 @@ from aimonk.benchmark import quality
 
 @pytest.mark.slow
 def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
-    df = quality.run(str(config.SAMPLE_DIR), ["original", "frozen_lr"], folds=2, epochs=1, image_size=32,
+    df = quality.run(str(config.SAMPLE_DIR), ["original", "pretrained", "frozen_lr"], folds=2, epochs=1, image_size=32,
                      workdir=str(tmp_path))
-    assert sorted(df.recipe.unique()) == ["frozen_lr", "majority", "original"]
+    assert sorted(df.recipe.unique()) == ["frozen_lr", "majority", "original", "pretrained",
+                                          "pretrained without flip TTA"]
     assert (df.groupby("recipe").fold.nunique() == 2).all()
     for col in ("macro_ap", "macro_auc", "macro_f1_at_0.5", "macro_f1_tuned", "chance_auc"):
         values = df[col].to_numpy(float)
@@ -20,5 +21,7 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     assert np.allclose(majority.macro_auc, 0.5)
     # Chance reference: shuffled labels give an AUC near 0.5 whatever the model.
     assert np.all(np.abs(df[df.recipe != "majority"].chance_auc - 0.5) < 0.1)
+    # The TTA ablation scores the very same models, so its training time is not counted again.
+    assert (df[df.recipe == "pretrained without flip TTA"].minutes == 0).all()
     table = quality.summary_table(df)
     assert "±" in table.loc["original", "macro_ap"]

@@ -142,7 +142,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
         rows.append({"recipe": "majority", "fold": k, "minutes": 0.0,
                      **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
         for recipe in recipes:
-            t0 = time.perf_counter()
+            t0, extra = time.perf_counter(), []
             if recipe == "frozen_lr":
                 cfg = TrainConfig(**PRETRAINED_RECIPE) if image_size is None else TrainConfig(**{**PRETRAINED_RECIPE, "image_size": image_size})
                 from aimonk.data import make_split
@@ -167,8 +167,15 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 thresholds, decisions = choose_decisions(t_val, p_val, attrs)
                 t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
                 scores = fold_scores(t_te, p_te, thresholds, decisions)
-            rows.append({"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores})
-            print(json.dumps(rows[-1]), flush=True)
+                if cfg.tta:  # a free ablation: the same model scored without the flip
+                    t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names, tta=False)
+                    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
+                    extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
+                                  **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+            new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores}, *extra]
+            for row in new:
+                print(json.dumps(row), flush=True)
+            rows.extend(new)
     return pd.DataFrame(rows)
 
 
