@@ -146,10 +146,11 @@ Two recipes (`aimonk.train.PRETRAINED_RECIPE`, `ORIGINAL_RECIPE`); every paramet
 takes the recipe's value, and any parameter you pass overrides it:
 
 - **`pretrained`** (the default, the best recipe measured on real data that runs offline; README
-  "Model quality"): EfficientNet-Lite0 with ImageNet weights from pip, the head trained alone
-  first, then the whole network with a 10x smaller learning rate for the backbone, AdamW with a
-  cosine schedule, random resized crops and flips, flip test-time augmentation, and the epoch
-  with the best validation macro AP kept.
+  "Model quality"): EfficientNet-Lite0 with ImageNet weights from pip, 224 px, batch 32; the head
+  trained alone for 2 epochs, then the whole network with the backbone at 0.3x the head's learning
+  rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 12 epochs in all); random
+  resized crops and flips; flip test-time augmentation; the epoch with the best validation macro
+  AP kept.
 - **`original`**: the seed project's recipe, kept reproducible: ResNet18, Adam 1e-4 at a constant
   rate, batch 16, 20 epochs, horizontal flips.
 
@@ -234,6 +235,12 @@ history = pd.DataFrame({
 })
 history.index = history.index + 1
 history.rename_axis("epoch").round(4)
+"""),
+    md("Which weights were saved: the last epoch's, or (with `keep_best`, as in the `pretrained` recipe) the epoch with the best validation macro AP."),
+    code("""
+best = result.history.get("best_epoch")
+(f"kept epoch {best} of {cfg.epochs} (validation macro AP {result.history['val_macro_ap'][best - 1]:.3f})" if best
+ else f"kept the last epoch ({cfg.epochs})")
 """),
 ]
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,9 @@ import pandas as pd
 
 from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import (
-    apply_decisions, choose_decisions, macro_average_precision, majority_f1, permutation_auc, score_folder,
+    apply_decisions, choose_decisions, macro_average_precision, permutation_auc, score_folder,
 )
-from aimonk.train import PRETRAINED_RECIPE, ORIGINAL_RECIPE, TrainConfig, train
+from aimonk.train import ORIGINAL_RECIPE, PRETRAINED_RECIPE, TrainConfig, train
 
 
 def _macro(fn, targets: np.ndarray, values: np.ndarray) -> float:
@@ -80,49 +79,10 @@ def majority_scores(train_targets: np.ndarray, targets: np.ndarray) -> dict:
             "macro_f1_tuned": float(np.mean(f1s)), "chance_auc": 0.5, "n_fallback": 0}
 
 
-def frozen_lr_scores(data_dir: str, train_names, val_names, test_names, image_size: int) -> tuple[dict, float]:
-    """Logistic regression on frozen EfficientNet-Lite0 ImageNet features (a strong cheap reference)."""
-    import torch
-    from sklearn.linear_model import LogisticRegression
-
-    from aimonk.cache import DecodedCache
-    from aimonk.data import normalize_batch
-    from aimonk.model import BACKBONES, build_model
-
-    start = time.perf_counter()
-    index = index_dataset(data_dir, warn=False)
-    where = {n: i for i, n in enumerate(index.table.names)}
-    spec = BACKBONES["efficientnet_lite0"]
-    model = build_model("efficientnet_lite0", 1, "imagenet", on_missing_weights="error").eval()
-    model._fc = torch.nn.Identity()
-    model = model.to(memory_format=torch.channels_last)
-
-    def features(names):
-        rows = [where[n] for n in names]
-        cache = DecodedCache([index.paths[i] for i in rows], image_size, progress=False)
-        ok = cache.ok
-        with torch.inference_mode():
-            feats = [model(normalize_batch(torch.stack([torch.from_numpy(cache[k]) for k in ok[b:b + 64]]), "cpu",
-                                           spec.mean, spec.std, True)) for b in range(0, len(ok), 64)]
-        return torch.cat(feats).numpy(), index.table.targets[[rows[k] for k in ok]]
-
-    x_tr, t_tr = features(list(train_names) + list(val_names))
-    x_te, t_te = features(test_names)
-    n_val = len(val_names)
-    probs_val = np.zeros((n_val, t_tr.shape[1]), np.float32)
-    probs_te = np.zeros((len(x_te), t_tr.shape[1]), np.float32)
-    for j in range(t_tr.shape[1]):
-        fit_rows = np.arange(len(x_tr) - n_val)
-        m = t_tr[fit_rows, j] >= 0
-        y = t_tr[fit_rows[m], j]
-        if 0 < y.sum() < len(y):
-            clf = LogisticRegression(C=0.5, max_iter=2000, class_weight="balanced").fit(x_tr[fit_rows[m]], y)
-            probs_val[:, j] = clf.predict_proba(x_tr[len(x_tr) - n_val:])[:, 1]
-            probs_te[:, j] = clf.predict_proba(x_te)[:, 1]
-    t_val = t_tr[len(x_tr) - n_val:]
-    attrs = [f"a{j}" for j in range(t_tr.shape[1])]
-    thresholds, decisions = choose_decisions(t_val, probs_val, attrs)
-    return fold_scores(t_te, probs_te, thresholds, decisions), time.perf_counter() - start
+FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "epochs": 0, "freeze_epochs": 0, "head_init": "linear_probe", "tta": False,
+                    "keep_best": False}
+"""A strong cheap reference: logistic regression on frozen EfficientNet-Lite0 ImageNet features
+(``train`` fits the head by ``linear_probe_head`` and trains no epoch)."""
 
 
 def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs: int | None = None,
@@ -133,7 +93,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     digests = [file_digest(p) for p in index.paths]
     fold_rows = make_folds(index.table.targets, digests, folds, seed)
     names = np.asarray(index.table.names)
-    recipes_cfg = {"original": ORIGINAL_RECIPE, "pretrained": PRETRAINED_RECIPE}
+    recipes_cfg = {"original": ORIGINAL_RECIPE, "pretrained": PRETRAINED_RECIPE, "frozen_lr": FROZEN_LR_RECIPE}
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
     for k, test_rows in enumerate(fold_rows[:run_folds]):
@@ -143,35 +103,29 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                      **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
         for recipe in recipes:
             t0, extra = time.perf_counter(), []
-            if recipe == "frozen_lr":
-                cfg = TrainConfig(**PRETRAINED_RECIPE) if image_size is None else TrainConfig(**{**PRETRAINED_RECIPE, "image_size": image_size})
-                from aimonk.data import make_split
-
-                tr, va = make_split(index.table.targets[train_rows], [digests[i] for i in train_rows], 0.2, seed)
-                scores, _ = frozen_lr_scores(data_dir, names[train_rows][tr], names[train_rows][va], test_names,
-                                             cfg.image_size)
-            else:
-                params = dict(recipes_cfg[recipe])
-                if epochs is not None:
-                    params["epochs"] = epochs
-                if image_size is not None:
-                    params["image_size"] = image_size
-                if recipe == "pretrained" and overrides:
-                    params.update(overrides)
-                cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
-                                     "loss_plot": "", "seed": seed, "progress": progress})
-                result = train(cfg, names=list(names[train_rows]))
-                val_names = result.meta["split"]["val"]
-                t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names)
-                attrs = result.meta["attributes"]
-                thresholds, decisions = choose_decisions(t_val, p_val, attrs)
-                t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
-                scores = fold_scores(t_te, p_te, thresholds, decisions)
-                if cfg.tta:  # a free ablation: the same model scored without the flip
-                    t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names, tta=False)
-                    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
-                    extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
-                                  **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+            if recipe not in recipes_cfg:
+                raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(recipes_cfg)}")
+            params = dict(recipes_cfg[recipe])
+            if epochs is not None and recipe != "frozen_lr":
+                params["epochs"] = epochs
+            if image_size is not None:
+                params["image_size"] = image_size
+            if recipe == "pretrained" and overrides:
+                params.update(overrides)
+            cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
+                                 "loss_plot": "", "seed": seed, "progress": progress})
+            result = train(cfg, names=list(names[train_rows]))
+            val_names = result.meta["split"]["val"]
+            t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names)
+            attrs = result.meta["attributes"]
+            thresholds, decisions = choose_decisions(t_val, p_val, attrs)
+            t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
+            scores = fold_scores(t_te, p_te, thresholds, decisions)
+            if cfg.tta:  # a free ablation: the same model scored without the flip
+                t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names, tta=False)
+                t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
+                extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
+                              **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
             new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores}, *extra]
             for row in new:
                 print(json.dumps(row), flush=True)
