@@ -16,7 +16,7 @@ from torch import nn
 
 from aimonk import config
 from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch
-from aimonk.model import load_checkpoint
+from aimonk.model import head_module, load_checkpoint
 
 
 @dataclass
@@ -70,8 +70,7 @@ def infer_probabilities(
             if tta:
                 logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
         out.append(torch.sigmoid(logits).cpu())
-    n_out = len(model.fc.bias) if hasattr(model, "fc") else len(model._fc.bias)
-    return torch.cat(out).numpy() if out else np.zeros((0, n_out), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, head_module(model).out_features), np.float32)
 
 
 class _DecodeDataset(torch.utils.data.Dataset):

@@ -24,7 +24,7 @@ from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import (
     apply_decisions, choose_decisions, macro_average_precision, permutation_auc, score_folder,
 )
-from aimonk.train import ORIGINAL_RECIPE, PRETRAINED_RECIPE, TrainConfig, train
+from aimonk.train import PRETRAINED_RECIPE, RECIPES, TrainConfig, train
 
 
 def _macro(fn, targets: np.ndarray, values: np.ndarray) -> float:
@@ -93,7 +93,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     digests = [file_digest(p) for p in index.paths]
     fold_rows = make_folds(index.table.targets, digests, folds, seed)
     names = np.asarray(index.table.names)
-    recipes_cfg = {"original": ORIGINAL_RECIPE, "pretrained": PRETRAINED_RECIPE, "frozen_lr": FROZEN_LR_RECIPE}
+    recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE}
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
     for k, test_rows in enumerate(fold_rows[:run_folds]):
