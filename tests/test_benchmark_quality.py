@@ -25,3 +25,10 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     assert (df[df.recipe == "pretrained without flip TTA"].minutes == 0).all()
     table = quality.summary_table(df)
     assert "±" in table.loc["original", "macro_ap"]
+    # One fold on its own (to spread folds over processes) is the same fold with the same scores.
+    alone = quality.run(str(config.SAMPLE_DIR), ["frozen_lr"], folds=2, image_size=32, workdir=str(tmp_path / "alone"),
+                        only_fold=1)
+    assert set(alone.fold) == {1}
+    together = df[(df.fold == 1) & df.recipe.isin(["majority", "frozen_lr"])].reset_index(drop=True)
+    cols = ["recipe", "macro_ap", "macro_auc", "macro_f1_tuned"]
+    assert alone[cols].round(6).equals(together[cols].round(6))

@@ -87,7 +87,7 @@ FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "epochs": 0, "freeze_epochs": 0, "head_
 
 def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs: int | None = None,
         image_size: int | None = None, workdir: str | None = None, progress: bool = False,
-        run_folds: int | None = None, overrides: dict | None = None) -> pd.DataFrame:
+        run_folds: int | None = None, overrides: dict | None = None, only_fold: int | None = None) -> pd.DataFrame:
     """Run every recipe on every fold and return one row per (recipe, fold)."""
     index = index_dataset(data_dir)
     digests = [file_digest(p) for p in index.paths]
@@ -97,6 +97,8 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
     for k, test_rows in enumerate(fold_rows[:run_folds]):
+        if only_fold is not None and k != only_fold:
+            continue
         train_rows = np.setdiff1d(np.arange(len(names)), test_rows)
         test_names = list(names[test_rows])
         rows.append({"recipe": "majority", "fold": k, "minutes": 0.0,
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="override every recipe's image size (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")
     p.add_argument("--run-folds", type=int, default=None, help="score only the first N folds (screening)")
+    p.add_argument("--fold", type=int, default=None,
+                   help="score only fold K (0-based), e.g. to run the folds in parallel processes; the folds are the same")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the pretrained recipe, e.g. --set lr=1e-3 (screening)")
     p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         default = PRETRAINED_RECIPE.get(key, getattr(TrainConfig, key, ""))
         overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
     df = run(a.data, [r.strip() for r in a.recipes.split(",") if r.strip()], a.folds, a.seed, a.epochs, a.image_size,
-             run_folds=a.run_folds, overrides=overrides)
+             run_folds=a.run_folds, overrides=overrides, only_fold=a.fold)
     table = summary_table(df)
     print(f"\nQuality on {a.data}: {a.folds} folds, mean ± std across folds (held-out fold scores)")
     print(table.to_markdown() if _has_tabulate() else table.to_string())
