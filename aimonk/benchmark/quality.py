@@ -103,6 +103,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
         test_names = list(names[test_rows])
         rows.append({"recipe": "majority", "fold": k, "minutes": 0.0,
                      **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
+        print(json.dumps(rows[-1]), flush=True)
         for recipe in recipes:
             t0, extra = time.perf_counter(), []
             if recipe not in recipes_cfg:
