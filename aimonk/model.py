@@ -105,6 +105,12 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(head_module(model).parameters())
 
 
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that is not the head's."""
+    head = {id(p) for p in head_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
 def build_model(
     backbone: str = "resnet18",
     num_attributes: int = 4,

@@ -25,7 +25,8 @@ from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, normalize_batch, save_split
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.model import (
-    BACKBONES, CheckpointError, build_model, head_module, head_parameters, safe_load, save_checkpoint,
+    BACKBONES, CheckpointError, backbone_parameters, build_model, head_module, head_parameters, safe_load,
+    save_checkpoint,
 )
 
 
@@ -270,14 +271,13 @@ def linear_probe_head(model: nn.Module, dataset: ImageDataset, device: torch.dev
     """
     from sklearn.linear_model import LogisticRegression
 
+    from aimonk.predict import infer_probabilities
+
     head = head_module(model)
-    captured = []
+    captured = []  # the head's inputs, batch by batch, recorded while the usual inference loop runs
     hook = head.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].float().cpu()))
-    model.eval()
     try:
-        for x, _ in torch.utils.data.DataLoader(dataset, batch_size=64):
-            with autocast(device, precision):
-                model(normalize_batch(x, device, mean, std, channels_last))
+        infer_probabilities(model, dataset, device, precision, channels_last, mean, std)
     finally:
         hook.remove()
     feats, targets = torch.cat(captured).numpy(), dataset.targets.numpy()  # (N, D), (N, A) with -1 = NA
@@ -425,10 +425,8 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
                           cfg.channels_last, spec.mean, spec.std)
     elif cfg.head_init not in ("random", "linear_probe"):
         raise ValueError(f"head_init must be random or linear_probe, got {cfg.head_init!r}")
-    head = head_parameters(model)
-    head_ids = {id(p) for p in head}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": cfg.lr * cfg.backbone_lr_mult},
-              {"params": head, "lr": cfg.lr}]
+    groups = [{"params": backbone_parameters(model), "lr": cfg.lr * cfg.backbone_lr_mult},
+              {"params": head_parameters(model), "lr": cfg.lr}]
     optimizer = make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     ema = None
@@ -595,7 +593,5 @@ def _resumable_config(cfg: TrainConfig) -> dict:
 
 
 def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    head = {id(p) for p in head_parameters(model)}
-    for p in model.parameters():
-        if id(p) not in head:
-            p.requires_grad_(trainable)
+    for p in backbone_parameters(model):
+        p.requires_grad_(trainable)
