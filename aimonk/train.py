@@ -51,7 +51,7 @@ class TrainConfig:
     backbone: str = "resnet18"  # "resnet18" or "efficientnet_lite0"
     weights: str = "imagenet"  # "imagenet", "none" (random init) or a path to a state dict
     on_missing_weights: str = "warn"  # "warn": random init + loud warning; "error": stop
-    augment: str = "flip"  # "none", "flip" or "crop" (RandomResizedCrop + flip)
+    augment: str = "flip"  # "none", "flip", "crop" (RandomResizedCrop + flip) or "trivial" (crop + TrivialAugmentWide)
     loss_normalization: str = "known"  # "known" (mean over known labels) or "partial" (partial-BCE)
     ema_decay: float = 0.0  # exponential moving average of weights (0 = off)
     tta: bool = False  # average predictions over a horizontal flip at evaluation/inference
@@ -178,9 +178,12 @@ def train_transform(augment: str, image_size: int) -> v2.Transform | None:
         return None
     if augment == "flip":
         return v2.RandomHorizontalFlip()
+    crop = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
     if augment == "crop":
-        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()])
-    raise ValueError(f"augment must be none, flip or crop, got {augment!r}")
+        return v2.Compose(crop)
+    if augment == "trivial":  # Müller & Hutter, ICCV 2021: one random photometric/geometric op per image
+        return v2.Compose([*crop, v2.TrivialAugmentWide(fill=255)])
+    raise ValueError(f"augment must be none, flip, crop or trivial, got {augment!r}")
 
 
 def check_writable(path: Path) -> None:

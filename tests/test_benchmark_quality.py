@@ -23,6 +23,10 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     assert np.all(np.abs(df[df.recipe != "majority"].chance_auc - 0.5) < 0.1)
     # The TTA ablation scores the very same models, so its training time is not counted again.
     assert (df[df.recipe == "pretrained without flip TTA"].minutes == 0).all()
+    # Each trained row says which epoch was kept and how validation AP went (1 epoch here; frozen_lr trains none).
+    pretrained = df[df.recipe == "pretrained"]
+    assert (pretrained.kept_epoch == 1).all() and all(len(v) == 1 for v in pretrained.val_ap_by_epoch)
+    assert all(len(v) == 0 for v in df[df.recipe == "frozen_lr"].val_ap_by_epoch)
     table = quality.summary_table(df)
     assert "±" in table.loc["original", "macro_ap"]
     # One fold on its own (to spread folds over processes) is the same fold with the same scores.

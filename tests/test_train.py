@@ -257,8 +257,9 @@ def test_augmentations_keep_uint8_images_and_their_size():
     torch.manual_seed(0)
     flips = {torch.equal(train_transform("flip", 32)(x), torch.flip(x, dims=[2])) for _ in range(20)}
     assert flips == {True, False}  # sometimes flipped, sometimes not
-    out = train_transform("crop", 32)(x)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    for augment in ("crop", "trivial"):
+        out = train_transform(augment, 32)(x)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
     with pytest.raises(ValueError, match="augment must be"):
         train_transform("mixup", 32)
 

@@ -129,7 +129,9 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
                 extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
                               **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
-            new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores}, *extra]
+            kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
+                    "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]]}
+            new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores, **kept}, *extra]
             for row in new:
                 print(json.dumps(row), flush=True)
             rows.extend(new)
