@@ -113,8 +113,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 params["epochs"] = epochs
             if image_size is not None:
                 params["image_size"] = image_size
-            if recipe == "pretrained" and overrides:
-                params.update(overrides)
+            params.update(overrides or {})
             cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
                                  "loss_plot": "", "seed": seed, "progress": progress})
             result = train(cfg, names=list(names[train_rows]))
@@ -159,14 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", type=int, default=None,
                    help="score only fold K (0-based), e.g. to run the folds in parallel processes; the folds are the same")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the pretrained recipe, e.g. --set lr=1e-3 (screening)")
+                   help="override a TrainConfig field of every recipe run, e.g. --recipes pretrained --set lr=1e-3 "
+                        "(screening)")
     p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
     a = p.parse_args(argv)
     start = time.perf_counter()
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
-        default = PRETRAINED_RECIPE.get(key, getattr(TrainConfig, key, ""))
+        if key not in TrainConfig.__dataclass_fields__:
+            p.error(f"--set {item}: {key!r} is not a TrainConfig field")
+        default = getattr(TrainConfig, key)
         overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
     df = run(a.data, [r.strip() for r in a.recipes.split(",") if r.strip()], a.folds, a.seed, a.epochs, a.image_size,
              run_folds=a.run_folds, overrides=overrides, only_fold=a.fold)
