@@ -48,7 +48,7 @@ class TrainConfig:
     freeze_epochs: int = 0  # train only the head for this many epochs first
     head_init: str = "random"  # "random" or "linear_probe" (fit the head on frozen features first: LP-FT)
     image_size: int = 224  # images are resized to image_size x image_size
-    backbone: str = "resnet18"  # "resnet18" or "efficientnet_lite0"
+    backbone: str = "resnet18"  # "resnet18", "efficientnet_lite0" (or _lite1, _lite2 with their weight package)
     weights: str = "imagenet"  # "imagenet", "none" (random init) or a path to a state dict
     on_missing_weights: str = "warn"  # "warn": random init + loud warning; "error": stop
     augment: str = "flip"  # "none", "flip", "crop" (RandomResizedCrop + flip) or "trivial" (crop + TrivialAugmentWide)
@@ -182,7 +182,7 @@ def train_transform(augment: str, image_size: int) -> v2.Transform | None:
     if augment == "crop":
         return v2.Compose(crop)
     if augment == "trivial":  # Müller & Hutter, ICCV 2021: one random photometric/geometric op per image
-        return v2.Compose([*crop, v2.TrivialAugmentWide(fill=255)])
+        return v2.Compose([*crop, v2.TrivialAugmentWide(fill=255)])  # white fill
     raise ValueError(f"augment must be none, flip, crop or trivial, got {augment!r}")
 
 
