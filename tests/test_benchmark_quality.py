@@ -36,3 +36,10 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     together = df[(df.fold == 1) & df.recipe.isin(["majority", "frozen_lr"])].reset_index(drop=True)
     cols = ["recipe", "macro_ap", "macro_auc", "macro_f1_tuned"]
     assert alone[cols].round(6).equals(together[cols].round(6))
+
+
+def test_set_rejects_a_field_that_training_does_not_have(capsys):
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--data", str(config.SAMPLE_DIR), "--set", "lernrate=1e-3"])
+    assert exc.value.code == 2
+    assert "'lernrate' is not a TrainConfig field" in capsys.readouterr().err
