@@ -112,8 +112,34 @@ def _make_architecture(backbone: str, num_attributes: int) -> nn.Module:
     raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
 
 
+class ProbeEnsemble(nn.Module):
+    """The fine-tuned network averaged with a linear probe on the frozen pretrained network.
+
+    An output-space ensemble in the spirit of WiSE-FT (Wortsman et al., "Robust fine-tuning of
+    zero-shot models", CVPR 2022): fine-tuning adapts the features to the task, while the frozen
+    ImageNet features keep what fine-tuning on a few hundred images forgets. ``forward`` returns
+    the logit of the mean of the two members' probabilities, so the loss, ``sigmoid``, thresholds
+    and flip TTA downstream are unchanged.
+
+    Args:
+        finetuned: the trained network.
+        probe: the pretrained network, frozen, with a logistic-regression head (``train.fit_probe``).
+    """
+
+    def __init__(self, finetuned: nn.Module, probe: nn.Module):
+        super().__init__()
+        self.finetuned, self.probe = finetuned, probe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = (torch.sigmoid(self.finetuned(x).float()) + torch.sigmoid(self.probe(x).float())) / 2  # (B, A)
+        return torch.logit(p, eps=1e-6)
+
+
 def head_module(model: nn.Module) -> nn.Linear:
-    """The classification head: the final ``nn.Linear`` (``fc`` or ``_fc``)."""
+    """The classification head: the final ``nn.Linear`` (``fc`` or ``_fc``; the fine-tuned member's
+    in a ``ProbeEnsemble``)."""
+    if isinstance(model, ProbeEnsemble):
+        return head_module(model.finetuned)
     return getattr(model, "fc", None) or getattr(model, "_fc")
 
 
@@ -126,6 +152,11 @@ def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter that is not the head's."""
     head = {id(p) for p in head_parameters(model)}
     return [p for p in model.parameters() if id(p) not in head]
+
+
+def is_random_init(weights: str | os.PathLike | None) -> bool:
+    """Whether ``weights`` (as ``build_model`` takes it) asks for random initialisation."""
+    return weights is None or str(weights).lower() in ("none", "random", "scratch", "")
 
 
 def build_model(
@@ -152,7 +183,7 @@ def build_model(
     if on_missing_weights not in ("warn", "error"):
         raise ValueError(f"on_missing_weights must be 'warn' or 'error', got {on_missing_weights!r}")
     model = _make_architecture(backbone, num_attributes)
-    if weights is None or str(weights).lower() in ("none", "random", "scratch", ""):
+    if is_random_init(weights):
         return model
     try:
         if str(weights).lower() == "imagenet":
@@ -281,6 +312,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: unknown backbone {meta['backbone']!r}; this aimonk knows {sorted(BACKBONES)}")
     try:
         model = _make_architecture(meta["backbone"], n)
+        if meta.get("probe"):  # trained with probe_ensemble: two networks of the same backbone
+            model = ProbeEnsemble(model, _make_architecture(meta["backbone"], n))
     except WeightsUnavailableError as e:
         raise CheckpointError(f"{path}: {e}") from None
     try:

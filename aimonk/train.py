@@ -25,8 +25,8 @@ from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, normalize_batch, save_split
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.model import (
-    BACKBONES, CheckpointError, backbone_parameters, build_model, head_module, head_parameters, safe_load,
-    save_checkpoint,
+    BACKBONES, CheckpointError, ProbeEnsemble, WeightsUnavailableError, backbone_parameters, build_model,
+    head_module, head_parameters, is_random_init, safe_load, save_checkpoint,
 )
 
 
@@ -55,6 +55,7 @@ class TrainConfig:
     loss_normalization: str = "known"  # "known" (mean over known labels) or "partial" (partial-BCE)
     ema_decay: float = 0.0  # exponential moving average of weights (0 = off)
     tta: bool = False  # average predictions over a horizontal flip at evaluation/inference
+    probe_ensemble: bool = False  # average with a logistic-regression probe on the frozen pretrained network
     keep_best: bool = False  # keep the epoch with the best validation macro AP (early stopping)
     val_fraction: float = 0.2  # share of images held out for validation (0 = none)
     seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
@@ -76,13 +77,14 @@ class TrainConfig:
 ORIGINAL_RECIPE = dict(
     backbone="resnet18", optimizer="adam", lr=1e-4, batch_size=16, epochs=20, schedule="constant",
     augment="flip", freeze_epochs=0, ema_decay=0.0, tta=False, keep_best=False, loss_normalization="known",
+    probe_ensemble=False,
 )  # the seed project's recipe, kept reproducible
 
 PRETRAINED_RECIPE = dict(
     backbone="efficientnet_lite0", weights="imagenet", optimizer="adamw", lr=1e-3, backbone_lr_mult=0.3,
     weight_decay=0.01, batch_size=32, epochs=12, schedule="cosine", warmup_epochs=0.5, freeze_epochs=2,
     head_init="random", augment="crop", ema_decay=0.0, tta=True, keep_best=True, loss_normalization="known",
-    image_size=224,
+    image_size=224, probe_ensemble=True,
 )  # ImageNet fine-tuning that runs offline: the best measured on clipart (README "Model quality"), the 02 default
 
 
@@ -272,25 +274,104 @@ def linear_probe_head(model: nn.Module, dataset: ImageDataset, device: torch.dev
     labels are left out of each attribute's fit; classes are balanced like ``pos_weight``. An
     attribute with a single known class keeps its random head row.
     """
-    from sklearn.linear_model import LogisticRegression
+    feats = head_inputs(model, dataset, device, precision, channels_last, mean, std)
+    fit_logistic_head(head_module(model), feats, dataset.targets.numpy(), C)
 
+
+def head_inputs(model: nn.Module, dataset: ImageDataset, device: torch.device, precision: str = "fp32",
+                channels_last: bool = False, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD) -> np.ndarray:
+    """The features the head sees, (N, D), for every image of ``dataset`` in eval mode, without augmentation."""
     from aimonk.predict import infer_probabilities
 
-    head = head_module(model)
     captured = []  # the head's inputs, batch by batch, recorded while the usual inference loop runs
-    hook = head.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].float().cpu()))
+    hook = head_module(model).register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].float().cpu()))
     try:
         infer_probabilities(model, dataset, device, precision, channels_last, mean, std)
     finally:
         hook.remove()
-    feats, targets = torch.cat(captured).numpy(), dataset.targets.numpy()  # (N, D), (N, A) with -1 = NA
+    return torch.cat(captured).numpy()
+
+
+@torch.no_grad()
+def fit_logistic_head(head: nn.Linear, feats: np.ndarray, targets: np.ndarray, C: float,
+                      shift: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
+    """Set each attribute's row of ``head`` to a class-balanced logistic regression on ``feats``.
+
+    NA labels (-1) are left out of each attribute's fit; an attribute with a single known class
+    keeps its row. With ``shift``/``scale`` the regression sees standardised features
+    ``(feats - shift) / scale`` and the head gets the equivalent weights on the raw features.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    shift = np.zeros(feats.shape[1]) if shift is None else shift
+    scale = np.ones(feats.shape[1]) if scale is None else scale
+    z = (feats - shift) / scale
     for j in range(targets.shape[1]):
         known = targets[:, j] >= 0
         y = targets[known, j].astype(int)
         if 0 < y.sum() < len(y):
-            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(feats[known], y)
-            head.weight[j] = torch.from_numpy(clf.coef_[0]).to(head.weight)
-            head.bias[j] = float(clf.intercept_[0])
+            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(z[known], y)
+            w = clf.coef_[0] / scale
+            head.weight[j] = torch.from_numpy(w).to(head.weight)
+            head.bias[j] = float(clf.intercept_[0] - w @ shift)
+
+
+PROBE_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
+"""Inverse L2 strengths tried for the probe on standardised features; validation picks one."""
+PROBE_C_DEFAULT = 0.01  # the probe's C when there is no validation split
+
+
+def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, val_set: ImageDataset,
+              device: torch.device, precision: str) -> tuple[nn.Module, dict | None]:
+    """Average ``finetuned`` with a logistic-regression probe on the frozen pretrained network.
+
+    The probe is a fresh pretrained network whose head is fitted (``fit_logistic_head``, standardised
+    features) on the training part only, without augmentation. Its C is the value of
+    ``PROBE_C_GRID`` that gives the averaged model the best validation macro AP, so the validation
+    images stay unseen by both members and thresholds tuned on them stay honest.
+
+    Returns:
+        ``(ProbeEnsemble, info)`` with info ``{"C", "val_macro_ap_finetuned", "val_macro_ap"}``, or
+        ``(finetuned, None)`` with a warning when there are no pretrained weights to probe.
+    """
+    from aimonk.evaluate import macro_average_precision
+    from aimonk.predict import infer_probabilities
+
+    spec = BACKBONES[cfg.backbone]
+    n_attr = train_set.targets.shape[1]
+    skip = "probe_ensemble skipped: it needs pretrained weights"
+    if is_random_init(cfg.weights):
+        warnings.warn(f"{skip}, and weights={cfg.weights!r}", stacklevel=3)
+        return finetuned, None
+    try:
+        probe = build_model(cfg.backbone, n_attr, cfg.weights, on_missing_weights="error").to(device)
+    except WeightsUnavailableError as e:
+        warnings.warn(f"{skip} ({e})", stacklevel=3)
+        return finetuned, None
+    if cfg.channels_last:
+        probe = probe.to(memory_format=torch.channels_last)
+    probe.requires_grad_(False)
+    args = (device, precision, cfg.channels_last, spec.mean, spec.std)
+    feats = head_inputs(probe, train_set, *args)  # (N_train, D)
+    shift, scale = feats.mean(0), feats.std(0) + 1e-6
+    head, targets = head_module(probe), train_set.targets.numpy()
+    info = {"C": PROBE_C_DEFAULT, "val_macro_ap_finetuned": None, "val_macro_ap": None}
+    if len(val_set):
+        val_feats, val_y = head_inputs(probe, val_set, *args), val_set.targets.numpy()
+        p_ft = infer_probabilities(finetuned, val_set, *args, tta=cfg.tta)
+        info["val_macro_ap_finetuned"] = macro_average_precision(val_y, p_ft)
+        scores = {}
+        for C in PROBE_C_GRID:
+            fit_logistic_head(head, feats, targets, C, shift, scale)
+            p_probe = torch.sigmoid(head(torch.from_numpy(val_feats).to(head.weight))).cpu().numpy()
+            scores[C] = macro_average_precision(val_y, (p_ft + p_probe) / 2)
+        info["C"] = max(scores, key=scores.get)
+    fit_logistic_head(head, feats, targets, info["C"], shift, scale)
+    ensemble = ProbeEnsemble(finetuned, probe.eval())
+    if len(val_set):
+        info["val_macro_ap"] = macro_average_precision(val_y, infer_probabilities(ensemble, val_set, *args,
+                                                                                   tta=cfg.tta))
+    return ensemble, info
 
 
 def _make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -535,6 +616,10 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
     if cfg.keep_best and best_state is not None:
         final.load_state_dict(best_state)
         history["best_epoch"] = int(np.argmax(history["val_macro_ap"])) + 1
+    probe = None
+    if cfg.probe_ensemble:
+        final, probe = fit_probe(final, cfg, ImageDataset(Subset(cache, train_idx), train_targets), val_set, device,
+                                 precision)
     final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
     meta = {
         "backbone": cfg.backbone,
@@ -545,6 +630,7 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         "thresholds": [0.5] * len(attributes),
         "decision": decisions,
         "tta": cfg.tta,
+        "probe": probe,  # the probe ensemble's C and validation macro AP, or None
         "pos_weight": pos_weight.tolist(),
         "precision": precision,
         "config": asdict(cfg),

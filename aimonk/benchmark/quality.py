@@ -80,7 +80,7 @@ def majority_scores(train_targets: np.ndarray, targets: np.ndarray) -> dict:
 
 
 FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "epochs": 0, "freeze_epochs": 0, "head_init": "linear_probe", "tta": False,
-                    "keep_best": False}
+                    "keep_best": False, "probe_ensemble": False}
 """A strong cheap reference: logistic regression on frozen EfficientNet-Lite0 ImageNet features
 (``train`` fits the head by ``linear_probe_head`` and trains no epoch)."""
 
