@@ -331,12 +331,13 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
     images stay unseen by both members and thresholds tuned on them stay honest.
 
     Returns:
-        ``(ProbeEnsemble, info)`` with info ``{"C", "val_macro_ap_finetuned", "val_macro_ap"}``, or
+        ``(ProbeEnsemble, info)`` with info ``{"C", "val_macro_ap_finetuned", "val_macro_ap", "seconds"}``, or
         ``(finetuned, None)`` with a warning when there are no pretrained weights to probe.
     """
     from aimonk.evaluate import macro_average_precision
     from aimonk.predict import infer_probabilities
 
+    start = time.perf_counter()
     spec = BACKBONES[cfg.backbone]
     n_attr = train_set.targets.shape[1]
     skip = "probe_ensemble skipped: it needs pretrained weights"
@@ -371,6 +372,7 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
     if len(val_set):
         info["val_macro_ap"] = macro_average_precision(val_y, infer_probabilities(ensemble, val_set, *args,
                                                                                    tta=cfg.tta))
+    info["seconds"] = time.perf_counter() - start
     return ensemble, info
 
 

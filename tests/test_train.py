@@ -237,7 +237,7 @@ def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(
     with pytest.warns(UserWarning, match="image_201.jpg"):
         result = train(cfg)
     probe = result.meta["probe"]
-    assert isinstance(result.model, ProbeEnsemble) and probe["C"] in PROBE_C_GRID
+    assert isinstance(result.model, ProbeEnsemble) and probe["C"] in PROBE_C_GRID and probe["seconds"] > 0
     pretrained = build_model("efficientnet_lite0", 4).state_dict()
     member = result.model.probe.state_dict()
     assert all(torch.equal(member[k], v) for k, v in pretrained.items() if not k.startswith("_fc."))  # frozen
