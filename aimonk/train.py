@@ -505,10 +505,10 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
     criterion = MaskedBCEWithLogitsLoss(pos_weight, cfg.loss_normalization).to(device)
     train_set = ImageDataset(Subset(cache, train_idx), train_targets, train_transform(cfg.augment, cfg.image_size))
     val_set = ImageDataset(Subset(cache, val_idx), index.table.targets[val_idx])
+    train_plain = ImageDataset(Subset(cache, train_idx), train_targets)  # no augmentation: what probes are fitted on
     if cfg.head_init == "linear_probe" and not (cfg.resume and resume_path(out).is_file()):
         # Every process fits the same head on the same images, so the weights stay identical.
-        linear_probe_head(model, ImageDataset(Subset(cache, train_idx), train_targets), device, precision,
-                          cfg.channels_last, spec.mean, spec.std)
+        linear_probe_head(model, train_plain, device, precision, cfg.channels_last, spec.mean, spec.std)
     elif cfg.head_init not in ("random", "linear_probe"):
         raise ValueError(f"head_init must be random or linear_probe, got {cfg.head_init!r}")
     groups = [{"params": backbone_parameters(model), "lr": cfg.lr * cfg.backbone_lr_mult},
@@ -620,8 +620,7 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         history["best_epoch"] = int(np.argmax(history["val_macro_ap"])) + 1
     probe = None
     if cfg.probe_ensemble:
-        final, probe = fit_probe(final, cfg, ImageDataset(Subset(cache, train_idx), train_targets), val_set, device,
-                                 precision)
+        final, probe = fit_probe(final, cfg, train_plain, val_set, device, precision)
     final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
     meta = {
         "backbone": cfg.backbone,
