@@ -55,7 +55,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"Saved {result.checkpoint} ({len(h['loss'])} iterations, final epoch loss {h['epoch_loss'][-1]:.4f}, "
           f"{result.seconds:.0f}s)")
     if h.get("val_macro_ap"):
-        print(f"Validation macro AP (last epoch): {h['val_macro_ap'][-1]:.3f}")
+        best = h.get("best_epoch")
+        kept = f"kept epoch {best} of {len(h['val_macro_ap'])}" if best else "last epoch"
+        print(f"Validation macro AP ({kept}): {h['val_macro_ap'][(best or 0) - 1]:.3f}")
+    probe = result.meta.get("probe")
+    if probe and probe["val_macro_ap"] is not None:
+        print(f"Validation macro AP averaged with the frozen-feature probe (saved; C {probe['C']:g}): "
+              f"{probe['val_macro_ap']:.3f}")
     if result.loss_plot:
         print(f"Loss plot: {result.loss_plot}")
     return 0
