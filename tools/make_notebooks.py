@@ -255,9 +255,9 @@ validation macro AP; the validation images stay unseen by both networks.
 """),
     code("""
 probe = result.meta.get("probe")
-(pd.Series({"C": probe["C"], "validation macro AP, fine-tuned network alone": probe["val_macro_ap_finetuned"],
-            "validation macro AP, averaged with the probe (saved)": probe["val_macro_ap"],
-            "seconds to fit the probe": probe["seconds"]}, name="").to_frame()
+(pd.Series({"probe C": probe["C"], "val. macro AP, fine-tuned alone": probe["val_macro_ap_finetuned"],
+            "val. macro AP, with the probe": probe["val_macro_ap"], "seconds for the probe": probe["seconds"]},
+           name="").to_frame().round(3)
  if probe else "no probe: probe_ensemble is off, or there were no pretrained weights (see the warnings above)")
 """),
 ]
