@@ -17,8 +17,8 @@ from aimonk.data import load_split
 from aimonk.losses import MaskedBCEWithLogitsLoss
 from aimonk.plots import plot_loss_curve
 from aimonk.train import (
-    TrainConfig,
     PROBE_C_GRID,
+    TrainConfig,
     TrainingError,
     check_writable,
     fit_logistic_head,
@@ -249,12 +249,12 @@ def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(
 
 
 def test_the_probe_ensemble_is_skipped_with_a_warning_without_pretrained_weights(tmp_path, sample_dir, one_thread):
+    from aimonk.model import ProbeEnsemble, load_checkpoint
+
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", probe_ensemble=True,
                       out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning, match="probe_ensemble skipped: it needs pretrained weights"):
         result = train(cfg)
-    from aimonk.model import ProbeEnsemble, load_checkpoint
-
     assert result.meta["probe"] is None and not isinstance(result.model, ProbeEnsemble)
     assert not isinstance(load_checkpoint(result.checkpoint)[0], ProbeEnsemble)
 
