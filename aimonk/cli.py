@@ -60,7 +60,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(f"Validation macro AP ({kept}): {h['val_macro_ap'][(best or 0) - 1]:.3f}")
     probe = result.meta.get("probe")
     if probe and probe["val_macro_ap"] is not None:
-        print(f"Validation macro AP averaged with the frozen-feature probe (saved; C {probe['C']:g}): "
+        how = "out of fold; the saved probe was refitted on training + validation" if probe.get("cross_fit") else "saved"
+        print(f"Validation macro AP averaged with the frozen-feature probe ({how}; C {probe['C']:g}): "
               f"{probe['val_macro_ap']:.3f}")
     if result.loss_plot:
         print(f"Loss plot: {result.loss_plot}")

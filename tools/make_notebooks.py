@@ -249,14 +249,18 @@ best = result.history.get("best_epoch")
 ## The frozen-feature probe
 
 With `probe_ensemble` (the `pretrained` recipe), the saved model averages the fine-tuned network's
-probabilities with those of logistic regressions on the frozen ImageNet network's features, fitted
-on the training images only. The regularisation `C` is the one that gave the averaged model the best
-validation macro AP; the validation images stay unseen by both networks.
+probabilities with those of logistic regressions on the frozen ImageNet network's features. The
+regularisation `C` is the one that gave the averaged model the best validation macro AP. With
+`probe_cross_fit` (also the `pretrained` recipe) each validation image is scored by a probe fitted
+on the training images and the other validation folds, never on that image; the saved probe is then
+refitted on training and validation images, and the out-of-fold scores are kept in the checkpoint for
+notebook 03's decisions. The fine-tuned network never sees the validation images.
 """),
     code("""
 probe = result.meta.get("probe")
 (pd.Series({"probe C": probe["C"], "val. macro AP, fine-tuned alone": probe["val_macro_ap_finetuned"],
-            "val. macro AP, with the probe": probe["val_macro_ap"], "seconds for the probe": probe["seconds"]},
+            "val. macro AP, with the probe" + (" (out of fold)" if probe.get("cross_fit") else ""): probe["val_macro_ap"],
+            "seconds for the probe": probe["seconds"]},
            name="").to_frame().round(3)
  if probe else "no probe: probe_ensemble is off, or there were no pretrained weights (see the warnings above)")
 """),
@@ -293,8 +297,8 @@ from IPython.display import Markdown
 
 from aimonk import config, plots
 from aimonk.data import load_split
-from aimonk.evaluate import (apply_decisions, attribute_report, choose_decisions, score_folder, summarize,
-                             threshold_sweep)
+from aimonk.evaluate import (apply_decisions, attribute_report, choose_decisions, summarize, threshold_sweep,
+                             validation_scores)
 from aimonk.model import update_checkpoint
 
 data_path = config.resolve_path(data_dir)
@@ -304,9 +308,16 @@ if Path(split["data_dir"]).resolve() != data_path:
     raise ValueError(f"{model_path} was trained on {split['data_dir']}, not {data_path}: pass -p data_dir accordingly")
 pd.Series({"model": str(model_path), "data": str(data_path), "validation images": len(split["val"])}, name="").to_frame()
 """),
-    md("## Scores on the validation images\n\nOne probability per image and attribute."),
+    md("""
+## Scores on the validation images
+
+One probability per image and attribute. Every decision below is chosen on these scores, so they
+must come from a model that did not see these images. With the probe's cross-fitting (the
+`pretrained` recipe), the saved probe was refitted on the validation images too; its scores here are
+then the out-of-fold ones stored at training time, from probes fitted without the image scored.
+"""),
     code("""
-targets, probs, names, predictor = score_folder(model_path, data_path, names=split["val"])
+targets, probs, names, predictor = validation_scores(model_path, data_path, split["val"])
 attributes = predictor.attributes
 pd.DataFrame(probs, index=pd.Index(names, name="image"), columns=attributes).describe().round(3)
 """),

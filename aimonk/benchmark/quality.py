@@ -22,7 +22,7 @@ import pandas as pd
 
 from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import (
-    apply_decisions, choose_decisions, macro_average_precision, permutation_auc, score_folder,
+    apply_decisions, choose_decisions, macro_average_precision, permutation_auc, score_folder, validation_scores,
 )
 from aimonk.train import PRETRAINED_RECIPE, RECIPES, TrainConfig, train
 
@@ -118,13 +118,13 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                                  "loss_plot": "", "seed": seed, "progress": progress})
             result = train(cfg, names=list(names[train_rows]))
             val_names = result.meta["split"]["val"]
-            t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names)
+            t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names)
             attrs = result.meta["attributes"]
             thresholds, decisions = choose_decisions(t_val, p_val, attrs)
             t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
             scores = fold_scores(t_te, p_te, thresholds, decisions)
             if cfg.tta:  # a free ablation: the same model scored without the flip
-                t_val, p_val, _, _ = score_folder(result.checkpoint, data_dir, names=val_names, tta=False)
+                t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=False)
                 t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
                 extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
                               **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
