@@ -61,7 +61,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     probe = result.meta.get("probe")
     if probe and probe["val_macro_ap"] is not None:
         how = "out of fold; the saved probe was refitted on training + validation" if probe.get("cross_fit") else "saved"
-        print(f"Validation macro AP averaged with the frozen-feature probe ({how}; C {probe['C']:g}): "
+        on = " + ".join(probe.get("backbones") or [result.meta["backbone"]])
+        print(f"Validation macro AP averaged with the frozen-feature probe on {on} ({how}; C {probe['C']:g}): "
               f"{probe['val_macro_ap']:.3f}")
     if result.loss_plot:
         print(f"Loss plot: {result.loss_plot}")

@@ -7,7 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -133,6 +133,46 @@ class ProbeEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = (torch.sigmoid(self.finetuned(x).float()) + torch.sigmoid(self.probe(x).float())) / 2  # (B, A)
         return torch.logit(p, eps=1e-6)
+
+
+class FeatureProbe(nn.Module):
+    """A linear head on the concatenated features of frozen pretrained networks: the probe of a
+    ``ProbeEnsemble`` when it reads more than the fine-tuned backbone (``probe_backbones``).
+
+    Args:
+        trunks: the networks, their classification heads replaced by ``nn.Identity``.
+        feature_dim: the total width of their features.
+        num_attributes: outputs of the head (``fc``).
+    """
+
+    def __init__(self, trunks: Sequence[nn.Module], feature_dim: int, num_attributes: int):
+        super().__init__()
+        self.trunks = nn.ModuleList(trunks)
+        self.fc = nn.Linear(feature_dim, num_attributes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([trunk(x).float() for trunk in self.trunks], 1))  # (B, A)
+
+
+def feature_probe(backbones: Sequence[str], num_attributes: int, weights: str | None = "imagenet") -> FeatureProbe:
+    """A ``FeatureProbe`` on ``backbones`` (sharing one input normalisation) with ``weights``.
+
+    Raises:
+        WeightsUnavailableError: if pretrained weights are asked for and cannot be had.
+        ValueError: for an unknown backbone or backbones that normalise their inputs differently.
+    """
+    unknown = [b for b in backbones if b not in BACKBONES]
+    if unknown or not backbones:
+        raise ValueError(f"unknown probe backbone(s) {unknown or backbones}; choose from {sorted(BACKBONES)}")
+    if len({(BACKBONES[b].mean, BACKBONES[b].std) for b in backbones}) > 1:
+        raise ValueError(f"probe backbones {list(backbones)} normalise their inputs differently; "
+                         "combine backbones of one family (e.g. efficientnet_lite0,efficientnet_lite1)")
+    trunks = []
+    for b in backbones:
+        trunk = build_model(b, num_attributes, weights, on_missing_weights="error")
+        setattr(trunk, "fc" if hasattr(trunk, "fc") else "_fc", nn.Identity())
+        trunks.append(trunk)
+    return FeatureProbe(trunks, sum(BACKBONES[b].feature_dim for b in backbones), num_attributes)
 
 
 def head_module(model: nn.Module) -> nn.Linear:
@@ -312,7 +352,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{path}: unknown backbone {meta['backbone']!r}; this aimonk knows {sorted(BACKBONES)}")
     try:
         model = _make_architecture(meta["backbone"], n)
-        if meta.get("probe"):  # trained with probe_ensemble: two networks of the same backbone
+        probe = meta.get("probe")
+        if probe and probe.get("backbones"):  # trained with probe_ensemble: a probe on frozen networks' features
+            model = ProbeEnsemble(model, feature_probe(probe["backbones"], n, weights=None))
+        elif probe:  # checkpoints before probe_backbones: the probe is a second network of the same backbone
             model = ProbeEnsemble(model, _make_architecture(meta["backbone"], n))
     except WeightsUnavailableError as e:
         raise CheckpointError(f"{path}: {e}") from None

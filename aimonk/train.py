@@ -26,7 +26,7 @@ from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, no
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.model import (
     BACKBONES, CheckpointError, ProbeEnsemble, WeightsUnavailableError, backbone_parameters, build_model,
-    head_module, head_parameters, is_random_init, safe_load, save_checkpoint,
+    feature_probe, head_module, head_parameters, is_random_init, safe_load, save_checkpoint,
 )
 
 
@@ -57,6 +57,7 @@ class TrainConfig:
     tta: bool = False  # average predictions over a horizontal flip at evaluation/inference
     probe_ensemble: bool = False  # average with a logistic-regression probe on the frozen pretrained network
     probe_cross_fit: bool = False  # refit the probe on training + validation images, scoring validation out of fold
+    probe_backbones: str = ""  # comma-separated frozen networks whose concatenated features the probe reads ("" = backbone)
     keep_best: bool = False  # keep the epoch with the best validation macro AP (early stopping)
     val_fraction: float = 0.2  # share of images held out for validation (0 = none)
     seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
@@ -85,7 +86,7 @@ PRETRAINED_RECIPE = dict(
     backbone="efficientnet_lite0", weights="imagenet", optimizer="adamw", lr=1e-3, backbone_lr_mult=0.3,
     weight_decay=0.01, batch_size=32, epochs=12, schedule="cosine", warmup_epochs=0.5, freeze_epochs=2,
     head_init="random", augment="crop", ema_decay=0.0, tta=True, keep_best=True, loss_normalization="known",
-    image_size=224, probe_ensemble=True, probe_cross_fit=True,
+    image_size=224, probe_ensemble=True, probe_cross_fit=True, probe_backbones="efficientnet_lite0,efficientnet_lite1",
 )  # ImageNet fine-tuning that runs offline: the best measured on clipart (README "Model quality"), the 02 default
 
 
@@ -375,8 +376,9 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
               ) -> tuple[nn.Module, dict | None, dict | None]:
     """Average ``finetuned`` with a logistic-regression probe on the frozen pretrained network.
 
-    The probe is a fresh pretrained network whose head is fitted (``fit_logistic_head``, standardised
-    features, no augmentation). Its C is the value of ``PROBE_C_GRID`` that gives the averaged model
+    The probe (``model.FeatureProbe``) reads the concatenated features of the frozen pretrained
+    networks named in ``cfg.probe_backbones`` (default: the fine-tuned backbone); its head is fitted
+    (``fit_logistic_head``, standardised features, no augmentation). Its C is the value of ``PROBE_C_GRID`` that gives the averaged model
     the best validation macro AP. Validation scores always come from probes that did not see the
     image scored, so thresholds tuned on them stay honest:
 
@@ -387,7 +389,7 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
       out-of-fold scores are returned, because the saved model has seen the validation images.
 
     Returns:
-        ``(ProbeEnsemble, info, validation_scores)``: info ``{"C", "cross_fit", "val_macro_ap_finetuned",
+        ``(ProbeEnsemble, info, validation_scores)``: info ``{"C", "backbones", "cross_fit", "val_macro_ap_finetuned",
         "val_macro_ap", "seconds"}``; validation_scores ``{"plain", "flip_tta"}`` (out-of-fold ensemble
         probabilities without and with flip TTA) with cross-fitting, else None. Without pretrained
         weights to probe, ``(finetuned, None, None)`` and a warning.
@@ -402,18 +404,24 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
     if is_random_init(cfg.weights):
         warnings.warn(f"{skip}, and weights={cfg.weights!r}", stacklevel=3)
         return finetuned, None, None
+    backbones = [b.strip() for b in cfg.probe_backbones.split(",") if b.strip()] or [cfg.backbone]
     try:
-        probe = build_model(cfg.backbone, n_attr, cfg.weights, on_missing_weights="error").to(device)
+        probe = feature_probe(backbones, n_attr, cfg.weights)
     except WeightsUnavailableError as e:
-        warnings.warn(f"{skip} ({e})", stacklevel=3)
-        return finetuned, None, None
+        if backbones == [cfg.backbone]:
+            warnings.warn(f"{skip} ({e})", stacklevel=3)
+            return finetuned, None, None
+        warnings.warn(f"the probe reads {cfg.backbone} only: {e}", stacklevel=3)  # the fine-tuned one has weights
+        return fit_probe(finetuned, replace(cfg, probe_backbones=cfg.backbone), train_set, val_set, device, precision,
+                         val_groups)
+    probe = probe.to(device)
     if cfg.channels_last:
         probe = probe.to(memory_format=torch.channels_last)
     probe.requires_grad_(False)
     args = (device, precision, cfg.channels_last, spec.mean, spec.std)
     feats, targets = head_inputs(probe, train_set, *args), train_set.targets.numpy()  # (N_train, D), (N_train, A)
     head = head_module(probe)
-    info = {"C": PROBE_C_DEFAULT, "cross_fit": bool(cfg.probe_cross_fit and len(val_set)),
+    info = {"C": PROBE_C_DEFAULT, "backbones": backbones, "cross_fit": bool(cfg.probe_cross_fit and len(val_set)),
             "val_macro_ap_finetuned": None, "val_macro_ap": None}
     scores = None
     if len(val_set):

@@ -81,6 +81,35 @@ def test_a_probe_ensemble_round_trips_and_averages_its_members_probabilities(tmp
         torch.testing.assert_close(torch.sigmoid(folded.model(x)), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_probe_on_several_frozen_networks_round_trips(tmp_path):
+    from aimonk.model import FeatureProbe, feature_probe, head_module
+    from aimonk.predict import Predictor
+
+    torch.manual_seed(0)
+    probe = feature_probe(["resnet18", "resnet18"], len(ATTRIBUTES), weights=None)  # two trunks, features concatenated
+    assert head_module(probe) is probe.fc and probe.fc.in_features == 2 * 512
+    ensemble = ProbeEnsemble(fresh_model(0), probe).eval()
+    info = {"C": 0.01, "backbones": ["resnet18", "resnet18"]}
+    path = save_checkpoint(tmp_path / "model.pth", ensemble, make_meta(probe=info))
+    loaded, meta = load_checkpoint(path)
+    assert isinstance(loaded.probe, FeatureProbe) and meta["probe"] == info
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ensemble(x))
+        features = torch.cat([trunk(x) for trunk in ensemble.probe.trunks], 1)
+        torch.testing.assert_close(ensemble.probe(x), ensemble.probe.fc(features))
+        torch.testing.assert_close(Predictor(path, precision="fp32").model(x), ensemble(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_probe_refuses_unknown_or_differently_normalised_backbones():
+    from aimonk.model import feature_probe
+
+    with pytest.raises(ValueError, match="unknown probe backbone"):
+        feature_probe(["resnet19"], 4, weights=None)
+    with pytest.raises(ValueError, match="normalise their inputs differently"):
+        feature_probe(["resnet18", "efficientnet_lite0"], 4, weights=None)
+
+
 def test_save_accepts_a_channels_last_model_and_leaves_it_untouched(tmp_path):
     model = fresh_model().to(memory_format=torch.channels_last)
     path = save_checkpoint(tmp_path / "sub" / "dir" / "model.pth", model, make_meta())

