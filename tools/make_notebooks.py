@@ -150,10 +150,11 @@ takes the recipe's value, and any parameter you pass overrides it:
   trained alone for 2 epochs, then the whole network with the backbone at 0.3x the head's learning
   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 12 epochs in all); random
   resized crops and flips; flip test-time augmentation; the epoch with the best validation macro
-  AP kept. The fine-tuned network is then averaged with a *probe*: the frozen ImageNet network with
-  per-attribute logistic regressions fitted on its features of the training images (its
-  regularisation chosen on validation). The frozen features keep what fine-tuning on a few hundred
-  images forgets; inference runs both networks.
+  AP kept. The fine-tuned network is then averaged with a *probe*: per-attribute logistic
+  regressions on the features of frozen ImageNet networks (EfficientNet-Lite0 and Lite1), fitted on
+  the training and validation images by cross-fitting, so every validation score still comes from a
+  probe that did not see the image. The frozen features keep what fine-tuning on a few hundred
+  images forgets; inference runs the fine-tuned network and the probe's two.
 - **`original`**: the seed project's recipe, kept reproducible: ResNet18, Adam 1e-4 at a constant
   rate, batch 16, 20 epochs, horizontal flips.
 
