@@ -371,6 +371,15 @@ def ensemble_probabilities(finetuned: Sequence[np.ndarray], probe: Sequence[np.n
     return torch.sigmoid(torch.stack(logits).mean(0)).numpy()
 
 
+def probe_backbone_list(cfg: TrainConfig) -> list[str]:
+    """The backbones named in ``cfg.probe_backbones`` (default: ``cfg.backbone``); unknown names are refused."""
+    backbones = [b.strip() for b in cfg.probe_backbones.split(",") if b.strip()] or [cfg.backbone]
+    unknown = [b for b in backbones if b not in BACKBONES]
+    if unknown:
+        raise ValueError(f"unknown probe_backbones {unknown}; choose from {sorted(BACKBONES)}")
+    return backbones
+
+
 def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, val_set: ImageDataset,
               device: torch.device, precision: str, val_groups: Sequence[str] | None = None
               ) -> tuple[nn.Module, dict | None, dict | None]:
@@ -404,7 +413,12 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
     if is_random_init(cfg.weights):
         warnings.warn(f"{skip}, and weights={cfg.weights!r}", stacklevel=3)
         return finetuned, None, None
-    backbones = [b.strip() for b in cfg.probe_backbones.split(",") if b.strip()] or [cfg.backbone]
+    backbones = probe_backbone_list(cfg)
+    odd = [b for b in backbones if (BACKBONES[b].mean, BACKBONES[b].std) != (spec.mean, spec.std)]
+    if odd:  # the ensemble feeds both members the fine-tuned backbone's normalisation
+        warnings.warn(f"the probe reads {cfg.backbone} only: probe_backbones {odd} normalise their inputs "
+                      f"differently from backbone {cfg.backbone!r}", stacklevel=3)
+        backbones = [cfg.backbone]
     try:
         probe = feature_probe(backbones, n_attr, cfg.weights)
     except WeightsUnavailableError as e:
@@ -557,6 +571,8 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
     spec = BACKBONES.get(cfg.backbone)
     if spec is None:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    if cfg.probe_ensemble:
+        probe_backbone_list(cfg)  # refuse a misspelt name before training, not after
 
     with distributed.local_main_first():  # one process per machine fills the decoded-image cache
         index, cache, train_idx, val_idx = prepare_data(cfg, names)

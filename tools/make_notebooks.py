@@ -179,6 +179,7 @@ batch_size: int = None  # images per optimisation step (None: the recipe's, 32 /
 lr: float = None  # peak learning rate of the head (None: the recipe's, 1e-3 / 1e-4)
 image_size: int = None  # images are resized to image_size x image_size (None: 224)
 backbone: str = None  # "efficientnet_lite0" or "resnet18" (None: the recipe's)
+probe_backbones: str = None  # frozen networks the probe reads, e.g. "efficientnet_lite0" (None: the recipe's)
 weights: str = "imagenet"  # "imagenet", "none" (random init) or a path to a state dict
 seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
 val_fraction: float = 0.2  # share of images held out for validation (grouped by identical content)
@@ -195,7 +196,8 @@ from aimonk.data import load_split
 from aimonk.train import recipe_config, train
 
 model_path = config.output_dir(out_dir) / config.DEFAULT_MODEL_NAME
-overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, backbone=backbone)
+overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, backbone=backbone,
+                 probe_backbones=probe_backbones)
 cfg = recipe_config(
     recipe, **{k: v for k, v in overrides.items() if v is not None},
     data_dir=str(config.resolve_path(data_dir)), out=str(model_path), weights=weights, seed=seed,
