@@ -331,7 +331,8 @@ def logistic_probabilities(feats: np.ndarray, targets: np.ndarray, C: float,
     An attribute with a single known class gets probability 0.5 everywhere.
     """
     head = nn.Linear(feats.shape[1], targets.shape[1]).double()
-    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
     fit_logistic_head(head, feats, targets, C, feats.mean(0), feats.std(0) + 1e-6)
     with torch.no_grad():
         return [torch.sigmoid(head(torch.from_numpy(f).double())).float().numpy() for f in predict_on]
