@@ -436,7 +436,9 @@ examples
 ## `predict()` on a few validation images
 
 `predict(path)` loads the model once, caches it, and prints the image name and the attributes it
-finds present. It also accepts a PIL image or raw bytes.
+finds present. It also accepts a PIL image or raw bytes. The fine-tuned network never trained on
+these images; with the default cross-fitted probe, the probe part of the model has seen them, so
+treat these as a demonstration, not a score (notebook 03 has the honest figures).
 """),
     code("""
 for name in examples:
