@@ -388,8 +388,8 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
 
     The probe (``model.FeatureProbe``) reads the concatenated features of the frozen pretrained
     networks named in ``cfg.probe_backbones`` (default: the fine-tuned backbone); its head is fitted
-    (``fit_logistic_head``, standardised features, no augmentation). Its C is the value of ``PROBE_C_GRID`` that gives the averaged model
-    the best validation macro AP. Validation scores always come from probes that did not see the
+    (``fit_logistic_head``, standardised features, no augmentation). Its C is the value of
+    ``PROBE_C_GRID`` that gives the averaged model the best validation macro AP. Validation scores always come from probes that did not see the
     image scored, so thresholds tuned on them stay honest:
 
     - ``cfg.probe_cross_fit=False``: the probe is fitted on the training part only.
@@ -455,17 +455,14 @@ def fit_probe(finetuned: nn.Module, cfg: TrainConfig, train_set: ImageDataset, v
             p_probe = {C: logistic_probabilities(feats, targets, C, val_feats) for C in PROBE_C_GRID}
         val_ap = {C: macro_average_precision(val_y, ensemble_probabilities(p_ft, p)) for C, p in p_probe.items()}
         info["C"] = max(val_ap, key=val_ap.get)
+        info["val_macro_ap"] = val_ap[info["C"]]  # what the saved ensemble scores (out of fold when cross-fitted)
         if info["cross_fit"]:
             best = p_probe[info["C"]]
             scores = {"plain": ensemble_probabilities(p_ft[:1], best[:1]),
                       "flip_tta": ensemble_probabilities(p_ft, best) if cfg.tta else None}
-            info["val_macro_ap"] = val_ap[info["C"]]
             feats, targets = np.concatenate([feats, val_feats[0]]), np.concatenate([targets, val_y])
     fit_logistic_head(head, feats, targets, info["C"], feats.mean(0), feats.std(0) + 1e-6)
     ensemble = ProbeEnsemble(finetuned, probe.eval())
-    if len(val_set) and not info["cross_fit"]:
-        info["val_macro_ap"] = macro_average_precision(val_y, infer_probabilities(ensemble, val_set, *args,
-                                                                                  tta=cfg.tta))
     info["seconds"] = time.perf_counter() - start
     return ensemble, info, scores
 
