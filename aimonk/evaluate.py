@@ -207,31 +207,40 @@ def report_to_json(report: pd.DataFrame) -> dict:
     return {"attributes": per, "macro": macro}
 
 
-def score_folder(model_path: str | os.PathLike, data_dir: str | os.PathLike, names: Sequence[str] | None = None,
-                 cache_dir: str | None = None, progress: bool = False, tta: bool | None = None):
+def _labelled_rows(predictor, data_dir: str | os.PathLike, names: Sequence[str] | None):
+    """``(index, rows)``: the folder's index and the rows of ``names`` (all rows if None), checked
+    against the labels and the model's attributes."""
+    from aimonk.data import index_dataset
+
+    index = index_dataset(data_dir)
+    if len(index.attributes) != len(predictor.attributes):
+        raise ValueError(f"{data_dir}: {len(index.attributes)} attributes, but {predictor.path} predicts "
+                         f"{len(predictor.attributes)}")
+    if names is None:
+        return index, list(range(len(index.table)))
+    where = {n: i for i, n in enumerate(index.table.names)}
+    absent = [n for n in names if n not in where]
+    if absent:
+        raise ValueError(f"{data_dir}: {len(absent)} split image(s) not in labels.txt, e.g. {absent[:3]}")
+    return index, [where[n] for n in names]
+
+
+def score_folder(model_path: "str | os.PathLike | Predictor", data_dir: str | os.PathLike,
+                 names: Sequence[str] | None = None, cache_dir: str | None = None, progress: bool = False, tta: bool | None = None):
     """Probabilities of a checkpoint on a labelled folder (optionally only the rows in ``names``).
 
-    ``tta`` (flip test-time augmentation) defaults to the checkpoint's own setting.
+    ``model_path`` is a checkpoint path or a loaded ``Predictor``. ``tta`` (flip test-time
+    augmentation) defaults to the checkpoint's own setting.
 
     Returns:
         ``(targets, probs, names, predictor)`` for the readable, present images.
     """
     from aimonk.cache import DecodedCache
-    from aimonk.data import ImageDataset, index_dataset
+    from aimonk.data import ImageDataset
     from aimonk.predict import Predictor, infer_probabilities
 
-    predictor = Predictor(model_path)
-    index = index_dataset(data_dir)
-    if len(index.attributes) != len(predictor.attributes):
-        raise ValueError(f"{data_dir}: {len(index.attributes)} attributes, but {model_path} predicts "
-                         f"{len(predictor.attributes)}")
-    rows = list(range(len(index.table)))
-    if names is not None:
-        where = {n: i for i, n in enumerate(index.table.names)}
-        absent = [n for n in names if n not in where]
-        if absent:
-            raise ValueError(f"{data_dir}: {len(absent)} split image(s) not in labels.txt, e.g. {absent[:3]}")
-        rows = [where[n] for n in names]
+    predictor = model_path if isinstance(model_path, Predictor) else Predictor(model_path)
+    index, rows = _labelled_rows(predictor, data_dir, names)
     cache = DecodedCache([index.paths[i] for i in rows], predictor.image_size, cache_dir, progress=progress)
     ok = cache.ok
     ds = ImageDataset(torch.utils.data.Subset(cache, ok), index.table.targets[[rows[i] for i in ok]])
@@ -253,13 +262,12 @@ def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike
     Returns:
         ``(targets, probs, names, predictor)`` like ``score_folder``.
     """
-    from aimonk.data import index_dataset
     from aimonk.predict import Predictor
 
     predictor = Predictor(model_path)
     stored = predictor.meta.get("validation_scores")
     if not stored:
-        return score_folder(model_path, data_dir, names=names, cache_dir=cache_dir, progress=progress, tta=tta)
+        return score_folder(predictor, data_dir, names=names, cache_dir=cache_dir, progress=progress, tta=tta)
     tta = bool(predictor.meta.get("tta")) if tta is None else tta
     probs = stored["flip_tta" if tta else "plain"]
     if probs is None:
@@ -269,10 +277,6 @@ def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike
     if unknown:
         raise ValueError(f"{model_path} has seen these images and stores no out-of-fold scores for "
                          f"{len(unknown)} of them, e.g. {unknown[:3]}: score only its own validation split")
-    index = index_dataset(data_dir)
-    rows = {n: i for i, n in enumerate(index.table.names)}
-    absent = [n for n in names if n not in rows]
-    if absent:
-        raise ValueError(f"{data_dir}: {len(absent)} split image(s) not in labels.txt, e.g. {absent[:3]}")
-    targets = index.table.targets[[rows[n] for n in names]]
+    index, rows = _labelled_rows(predictor, data_dir, names)
+    targets = index.table.targets[rows]
     return targets, np.asarray([probs[where[n]] for n in names], np.float32), list(names), predictor
