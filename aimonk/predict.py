@@ -14,9 +14,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from aimonk import config
+from aimonk import config, int8
 from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch
-from aimonk.model import head_module, load_checkpoint
+from aimonk.model import BACKBONES, head_module, load_checkpoint
 
 
 @dataclass
@@ -156,13 +156,29 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def int8_problem(meta: dict, device: torch.device) -> str | None:
+    """Why a checkpoint cannot run in int8 on ``device``, or None if it can."""
+    if device.type != "cpu":
+        return f"runs on the CPU only, not on {device.type}"
+    if not int8.available():
+        return f"needs torch.ao's FX quantization and the {int8.ENGINE!r} engine, which this torch lacks"
+    if not meta.get("int8"):
+        if meta.get("probe"):
+            return "is not available for a model with a probe ensemble (train with --no-probe-ensemble)"
+        if not BACKBONES[meta["backbone"]].cpu_int8:
+            return f"is not available for backbone {meta['backbone']!r} (it does not quantize to fast int8 kernels)"
+        return "needs calibration, which this checkpoint lacks (add it: python -m aimonk calibrate-int8 --model MODEL --data DIR)"
+    return None
+
+
 class Predictor:
     """A loaded checkpoint ready to predict: the model is loaded once and reused.
 
     Args:
         model_path: a checkpoint written by training.
         device: ``"auto"`` or a torch device.
-        precision: ``"auto"`` (per backbone and device) or fp32/bf16/fp16.
+        precision: ``"auto"`` (per backbone and device), fp32, bf16, fp16, or int8 (CPU, for a
+            checkpoint that carries int8 calibration; see ``aimonk.int8``).
     """
 
     def __init__(self, model_path: str | os.PathLike = config.DEFAULT_MODEL,
@@ -171,15 +187,24 @@ class Predictor:
 
         self.path = Path(model_path)
         self.model, self.meta = load_checkpoint(self.path)
-        fold_batchnorm(self.model)  # the model is only used for inference from here on
         self.device = select_device(device)
+        self.attributes: list[str] = list(self.meta["attributes"])
+        self.image_size: int = int(self.meta["image_size"])
+        if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+        if precision == "int8":
+            problem = int8_problem(self.meta, self.device)
+            if problem:
+                raise ValueError(f"{self.path}: int8 inference {problem}; use precision 'auto', 'bf16' or 'fp32'")
+            self.precision, self.channels_last = "int8", False
+            self.model = int8.quantize(self.model, self.meta["int8"], self.image_size)
+            return
+        fold_batchnorm(self.model)  # the model is only used for inference from here on
         self.precision = resolve_precision(precision, self.device, self.meta["backbone"])
         self.channels_last = self.device.type != "mps"
         self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.attributes: list[str] = list(self.meta["attributes"])
-        self.image_size: int = int(self.meta["image_size"])
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[list[str]]:
         """Present attributes per row of ``probs`` (N, n_attributes).

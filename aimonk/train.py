@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from aimonk import config, distributed
+from aimonk import config, distributed, int8
 from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, file_digest, index_dataset, make_split, normalize_batch, save_split
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
@@ -155,8 +155,8 @@ def resolve_precision(precision: str, device: torch.device, backbone: str) -> st
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision (a no-op for fp32)."""
-    if precision == "fp32":
+    """The autocast context for a resolved precision (a no-op for fp32 and for an int8 model)."""
+    if precision in ("fp32", "int8"):
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
@@ -716,6 +716,9 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         final, probe, val_scores = fit_probe(final, cfg, train_plain, val_set, device, precision,
                                              val_groups=[cache.digests[i] for i in val_idx])
     final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    int8_calibration = None
+    if main and probe is None and BACKBONES[cfg.backbone].cpu_int8 and int8.available():
+        int8_calibration = int8.calibrate(final, train_plain, cfg.image_size, spec.mean, spec.std)
     meta = {
         "backbone": cfg.backbone,
         "attributes": list(attributes),
@@ -736,6 +739,7 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
             "names": [index.table.names[i] for i in val_idx],
             **{k: None if v is None else v.tolist() for k, v in val_scores.items()}},
         "data": {"dir": str(cfg.data_dir), "missing": index.missing, "unreadable": sorted(cache.failed.values())},
+        "int8": int8_calibration,  # activation ranges for int8 inference (Predictor precision "int8"), or None
     }
     checkpoint = save_checkpoint(out, final, meta) if main else out
     if main:

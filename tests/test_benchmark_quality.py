@@ -11,7 +11,7 @@ from aimonk.benchmark import quality
 def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     df = quality.run(str(config.SAMPLE_DIR), ["original", "pretrained", "frozen_lr"], folds=2, epochs=1, image_size=32,
                      workdir=str(tmp_path))
-    assert sorted(df.recipe.unique()) == ["frozen_lr", "majority", "original", "pretrained",
+    assert sorted(df.recipe.unique()) == ["frozen_lr", "majority", "original", "original in int8", "pretrained",
                                           "pretrained without flip TTA"]
     assert (df.groupby("recipe").fold.nunique() == 2).all()
     for col in ("macro_ap", "macro_auc", "macro_f1_at_0.5", "macro_f1_tuned", "chance_auc"):
@@ -23,6 +23,11 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     assert np.all(np.abs(df[df.recipe != "majority"].chance_auc - 0.5) < 0.1)
     # The TTA ablation scores the very same models, so its training time is not counted again.
     assert (df[df.recipe == "pretrained without flip TTA"].minutes == 0).all()
+    # So does the int8 row (ResNet18 checkpoints are calibrated for it); int8 moves the scores only a little.
+    assert (df[df.recipe == "original in int8"].minutes == 0).all()
+    in_int8 = df[df.recipe == "original in int8"].set_index("fold")
+    original = df[df.recipe == "original"].set_index("fold")
+    assert np.allclose(in_int8.macro_ap, original.macro_ap, atol=0.05)
     # Each trained row says which epoch was kept and how validation AP went (1 epoch here; frozen_lr trains none).
     pretrained = df[df.recipe == "pretrained"]
     assert (pretrained.kept_epoch == 1).all() and all(len(v) == 1 for v in pretrained.val_ap_by_epoch)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from aimonk import int8
 from aimonk.benchmark.__main__ import main as benchmark_main
 
 SMALL = ["--limit", "24", "--epochs", "2", "--image-size", "64", "--peak-size", "256", "--latency-calls", "3"]
@@ -36,6 +37,11 @@ def test_speed_benchmark_prints_and_returns_positive_figures(sample_dir, tmp_pat
     assert _positive(res["project"]["cache_seconds"]) and _positive(res["project"]["cache_mb"])
     for key in ("train_first", "train_steady", "infer", "latency_ms"):
         assert _positive(res["ratios"][key])
+    if int8.available():  # the project's model again in int8, against the original loop again
+        assert "project in int8" in printed
+        for key in ("infer_int8", "infer_model_only_int8", "latency_ms_int8"):
+            assert _positive(res["original"][key]) and _positive(res["project"][key]) and _positive(res["ratios"][key])
+        assert _positive(res["project"]["int8_calibration_seconds"])
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import (
     apply_decisions, choose_decisions, macro_average_precision, permutation_auc, score_folder, validation_scores,
 )
+from aimonk.predict import Predictor
 from aimonk.train import PRETRAINED_RECIPE, RECIPES, TrainConfig, train
 
 
@@ -87,8 +88,13 @@ FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "epochs": 0, "freeze_epochs": 0, "head_
 
 def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs: int | None = None,
         image_size: int | None = None, workdir: str | None = None, progress: bool = False,
-        run_folds: int | None = None, overrides: dict | None = None, only_fold: int | None = None) -> pd.DataFrame:
-    """Run every recipe on every fold and return one row per (recipe, fold)."""
+        run_folds: int | None = None, overrides: dict | None = None, only_fold: int | None = None,
+        train_seed: int | None = None) -> pd.DataFrame:
+    """Run every recipe on every fold and return one row per (recipe, fold).
+
+    ``seed`` draws the folds and, unless ``train_seed`` is given, seeds training too; a separate
+    ``train_seed`` retrains on the same folds with another initialisation, split and data order.
+    """
     index = index_dataset(data_dir)
     digests = [file_digest(p) for p in index.paths]
     fold_rows = make_folds(index.table.targets, digests, folds, seed)
@@ -96,6 +102,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE}
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
     for k, test_rows in enumerate(fold_rows[:run_folds]):
         if only_fold is not None and k != only_fold:
             continue
@@ -115,7 +122,8 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 params["image_size"] = image_size
             params.update(overrides or {})
             cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
-                                 "loss_plot": "", "seed": seed, "progress": progress})
+                                 "loss_plot": "", "seed": seed if train_seed is None else train_seed,
+                                 "progress": progress})
             result = train(cfg, names=list(names[train_rows]))
             val_names = result.meta["split"]["val"]
             t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names)
@@ -127,6 +135,12 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=False)
                 t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
                 extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
+                              **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+            if result.meta.get("int8"):  # the same model in int8 (CPU inference), thresholds tuned in int8 too
+                int8_model = Predictor(result.checkpoint, device="cpu", precision="int8")
+                t_val, p_val, _, _ = score_folder(int8_model, data_dir, names=val_names)
+                t_te, p_te, _, _ = score_folder(int8_model, data_dir, names=test_names)
+                extra.append({"recipe": f"{recipe} in int8", "fold": k, "minutes": 0.0,
                               **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
             kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
                     "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]]}
@@ -154,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke runs)")
     p.add_argument("--image-size", type=int, default=None, help="override every recipe's image size (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed training with this instead of --seed, on the same folds (run-to-run noise)")
     p.add_argument("--run-folds", type=int, default=None, help="score only the first N folds (screening)")
     p.add_argument("--fold", type=int, default=None,
                    help="score only fold K (0-based), e.g. to run the folds in parallel processes; the folds are the same")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field of every recipe run, e.g. --recipes pretrained --set lr=1e-3 "
                         "(screening)")
+    p.add_argument("--workdir", default=None,
+                   help="keep the trained checkpoints here as RECIPE_FOLD.pth (default: a new temporary folder)")
     p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
     a = p.parse_args(argv)
     start = time.perf_counter()
@@ -171,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         default = getattr(TrainConfig, key)
         overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
     df = run(a.data, [r.strip() for r in a.recipes.split(",") if r.strip()], a.folds, a.seed, a.epochs, a.image_size,
-             run_folds=a.run_folds, overrides=overrides, only_fold=a.fold)
+             run_folds=a.run_folds, overrides=overrides, only_fold=a.fold,
+             train_seed=a.train_seed, workdir=a.workdir)
     table = summary_table(df)
     print(f"\nQuality on {a.data}: {a.folds} folds, mean ± std across folds (held-out fold scores)")
     print(table.to_markdown() if _has_tabulate() else table.to_string())

@@ -52,17 +52,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from aimonk import config
+from aimonk import config, int8
 from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, file_digest, index_dataset
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
-from aimonk.model import BACKBONES, build_model, save_checkpoint
+from aimonk.model import BACKBONES, build_model, load_checkpoint, save_checkpoint, update_checkpoint
 from aimonk.predict import Predictor, fold_batchnorm, infer_probabilities
 from aimonk.train import (
     make_optimizer, resolve_precision, select_device, set_seed, train_one_epoch, train_transform,
 )
 
 TUNING_EXPERIMENTS = ("loader", "precision", "optimizer", "fold", "compile")
+INT8_KEYS = ("infer", "infer_model_only", "latency_ms")  # what is measured again with the int8 model
 TRAIN_STEP_FORWARDS = 3  # a training step costs about three forward passes (forward, input grads, weight grads)
 
 
@@ -88,6 +89,7 @@ class SpeedConfig:
     tune_rounds: int = 3  # tuning: rounds of every variant (medians over rounds)
     experiments: str = "loader,precision,optimizer,fold"  # tuning: which experiments, comma-separated
     compile: bool = False  # tuning: also measure torch.compile
+    int8: bool = True  # also compare inference with the project's model in int8 (CPU, backbones with cpu_int8)
 
 
 # --------------------------------------------------------------------------- measuring helpers
@@ -337,7 +339,7 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         r["infer_model_only_share_bf16_peak"] = r["infer_model_only"] * flops / peak["bf16"]
     ratios = {k: res["project"][k] / res["original"][k]
               for k in ("train_first", "train_steady", "infer", "infer_model_only", "latency_ms", "peak_rss_mb",
-                        "peak_rss_above_baseline_mb")
+                        "peak_rss_above_baseline_mb", *(f"{key}_int8" for key in INT8_KEYS))
               if res["original"].get(k)}
     return {
         "config": asdict(cfg), "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
@@ -423,6 +425,23 @@ def _compare_loops(cfg, device, precision, spec, paths, targets, rss: PeakRSS, t
         predictor = Predictor(ckpt, device=str(device), precision=cfg.precision)
     _compare_inference(cfg, device, predictor, orig_model, spec, ok_paths, cache, ok, targets, rss, orig, proj)
     _compare_latency(cfg, device, predictor, orig_model, spec, ok_paths[0], rss, orig, proj)
+    if cfg.int8 and device.type == "cpu" and spec.cpu_int8 and int8.available() and predictor.precision != "int8":
+        # The same trained model in int8, calibrated on the training images as training does, compared
+        # in turns with the original loop again.
+        with rss.phase("project"):
+            t0 = time.perf_counter()
+            model, _ = load_checkpoint(ckpt)
+            plain = ImageDataset(Subset(cache, ok), targets[ok])
+            update_checkpoint(ckpt, int8=int8.calibrate(model, plain, cfg.image_size, spec.mean, spec.std))
+            proj["int8_calibration_seconds"] = time.perf_counter() - t0
+            predictor = Predictor(ckpt, device="cpu", precision="int8")
+        o8, p8 = {}, {}
+        _compare_inference(cfg, device, predictor, orig_model, spec, ok_paths, cache, ok, targets, rss, o8, p8)
+        _compare_latency(cfg, device, predictor, orig_model, spec, ok_paths[0], rss, o8, p8)
+        for key in INT8_KEYS:
+            orig[f"{key}_int8"], proj[f"{key}_int8"] = o8[key], p8[key]
+        log(f"  int8: inference from files {p8['infer']:.1f} img/s (original {o8['infer']:.1f}), "
+            f"model only {p8['infer_model_only']:.1f} img/s")
     return {"original": orig, "project": proj}
 
 
@@ -494,6 +513,9 @@ def format_report(res: dict) -> str:
         (f"inference from files, batch {cfg['infer_batch_size']} (img/s)", "infer", "{:.1f}"),
         ("inference from decoded tensors, model only (img/s)", "infer_model_only", "{:.1f}"),
         (f"single-image latency, median of {cfg['latency_calls']} (ms)", "latency_ms", "{:.1f}"),
+        *([("inference from files, project in int8 (img/s)", "infer_int8", "{:.1f}"),
+           ("inference, model only, project in int8 (img/s)", "infer_model_only_int8", "{:.1f}"),
+           ("single-image latency, project in int8 (ms)", "latency_ms_int8", "{:.1f}")] if "infer_int8" in p else []),
         ("peak RSS while the loop runs (MiB)", "peak_rss_mb", "{:.0f}"),
         ("  the same, above the RSS before both loops (MiB)", "peak_rss_above_baseline_mb", "{:.0f}"),
         ("training: share of the bf16 peak", "train_share_bf16_peak", "{:.1%}"),
@@ -514,6 +536,10 @@ def format_report(res: dict) -> str:
         f"num_workers=0, per-parameter Adam. Project: decoded cache, {res['precision']} "
         f"{'channels_last' if cfg['channels_last'] else 'NCHW'}, fused Adam, num_workers={cfg['num_workers']}.",
         f"Project first epoch includes hashing and decoding {n} images into a cold cache: {p['cache_seconds']:.1f} s.",
+        *([f"int8: the project's trained model quantized (aimonk.int8; calibration on the training images took "
+           f"{p['int8_calibration_seconds']:.1f} s) and compared with the original loop again, in turns. Its int8 "
+           "kernels are not bounded by the bf16 peak (AVX512-VNNI does twice the bf16 multiply-adds per cycle)."]
+          if "infer_int8" in p else []),
         "Steady state = median over epochs 2..N. Latency and RSS: lower is better (ratio < 1 = project better).",
         "The loops take turns batch by batch (inference: 2 batches at a time; latency: call by call).",
         f"Reference peak: best {cfg['peak_size']}x{cfg['peak_size']} bf16 matmul, measured before and after, "
@@ -724,6 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", default=SpeedConfig.experiments,
                    help=f"tuning: comma-separated, from {', '.join(TUNING_EXPERIMENTS)}")
     p.add_argument("--compile", action="store_true", help="tuning: also measure torch.compile")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compare inference with the project's model in int8 (CPU, ResNet18)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p
 
