@@ -139,8 +139,9 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_precision(precision: str, device: torch.device, backbone: str) -> str:
-    """Turn ``"auto"`` into the measured-fastest safe choice for this device and backbone."""
+def resolve_precision(precision: str, device: torch.device, backbone: str, inference: bool = False) -> str:
+    """Turn ``"auto"`` into the measured-fastest safe choice for this device and backbone
+    (for training, or for ``inference`` only)."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision != "auto":
@@ -149,7 +150,9 @@ def resolve_precision(precision: str, device: torch.device, backbone: str) -> st
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and BACKBONES[backbone].cpu_bf16 and cpu_supports_bf16():
+    spec = BACKBONES[backbone]
+    fast_bf16 = spec.cpu_bf16_inference if inference and spec.cpu_bf16_inference is not None else spec.cpu_bf16
+    if device.type == "cpu" and fast_bf16 and cpu_supports_bf16():
         return "bf16"
     return "fp32"
 
@@ -716,9 +719,7 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         final, probe, val_scores = fit_probe(final, cfg, train_plain, val_set, device, precision,
                                              val_groups=[cache.digests[i] for i in val_idx])
     final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    int8_calibration = None
-    if main and probe is None and BACKBONES[cfg.backbone].cpu_int8 and int8.available():
-        int8_calibration = int8.calibrate(final, train_plain, cfg.image_size, spec.mean, spec.std)
+    int8_calibration = _int8_calibration(final, cfg, len(attributes), train_plain) if main and probe is None else None
     meta = {
         "backbone": cfg.backbone,
         "attributes": list(attributes),
@@ -754,6 +755,22 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         plt.close(fig)
     distributed.barrier()  # every process returns once rank 0 has written the checkpoint
     return TrainResult(final, meta, checkpoint, plot_path, history, time.perf_counter() - start)
+
+
+def _int8_calibration(model: nn.Module, cfg: TrainConfig, n_attributes: int, dataset: ImageDataset) -> dict | None:
+    """int8 calibration for the checkpoint, or None where its backbone does not quantize (or calibration
+    fails, with a warning: the trained model is saved either way)."""
+    spec = BACKBONES[cfg.backbone]
+    if not (spec.cpu_int8 and int8.available()):
+        return None
+    try:
+        plain = build_model(cfg.backbone, n_attributes, weights="none")  # as loaded: no distributed BatchNorm
+        plain.load_state_dict(model.state_dict())
+        return int8.calibrate(plain.eval(), dataset, cfg.image_size, spec.mean, spec.std)
+    except Exception as e:  # an optional extra must not cost the training run
+        warnings.warn(f"int8 calibration failed ({str(e)[:200]}); the checkpoint is saved without it "
+                      "(python -m aimonk calibrate-int8 can add it later)")
+        return None
 
 
 def initial_decisions(targets: np.ndarray, attributes: list[str]) -> list[str]:

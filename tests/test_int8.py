@@ -125,3 +125,19 @@ def test_cli_calibrates_an_older_checkpoint(trained, sample_dir, tmp_path, capsy
     assert meta["int8"]["images"] == n_train
     assert main(["predict", str(sample_dir / "images" / "image_0.jpg"), "--model", str(path), "--precision", "int8"]) == 0
     assert capsys.readouterr().out.startswith("Image: image_0.jpg\nAttributes present: [")
+
+
+def test_a_failed_calibration_never_costs_the_trained_model(sample_dir, tmp_path, monkeypatch):
+    from aimonk.train import TrainConfig, train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("observer exploded")
+
+    monkeypatch.setattr(int8, "calibrate", broken)
+    cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=32, batch_size=24, weights="none",
+                      out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+    with pytest.warns(UserWarning) as caught:
+        result = train(cfg)
+    assert any("int8 calibration failed (observer exploded)" in str(w.message) for w in caught)
+    _, meta = load_checkpoint(result.checkpoint)
+    assert meta["int8"] is None and len(meta["history"]["loss"]) > 0

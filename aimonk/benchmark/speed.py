@@ -13,7 +13,9 @@ Both loops see the same images for the same number of epochs:
   file hashing included) + ``ImageDataset`` + ``train_one_epoch`` with
   ``resolve_precision("auto")``, channels_last and ``make_optimizer`` (fused Adam). Inference is
   ``Predictor.predict_many`` (model loaded once, batches through a DataLoader) and, for latency,
-  ``Predictor.predict``.
+  ``Predictor.predict``. On a CPU, for a backbone that quantizes (ResNet18), the trained model is
+  then calibrated for int8 and its inference compared with the original loop again (``--no-int8``
+  skips it).
 
 The two loops take turns (batch by batch, inference chunk by chunk, call by call) so that a load
 change on a shared machine hits both alike: the ratios are the figures to trust, not the absolute
