@@ -41,7 +41,8 @@ def test_speed_benchmark_prints_and_returns_positive_figures(sample_dir, tmp_pat
         assert "project in int8" in printed
         for key in ("infer_int8", "infer_model_only_int8", "latency_ms_int8"):
             assert _positive(res["original"][key]) and _positive(res["project"][key]) and _positive(res["ratios"][key])
-        assert _positive(res["project"]["int8_calibration_seconds"])
+        assert _positive(res["project"]["int8_calibration_seconds"]) and _positive(res["peak_flops"]["int8"])
+        assert _positive(res["project"]["infer_model_only_int8_share_int8_peak"])
 
 
 @pytest.mark.slow
