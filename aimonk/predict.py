@@ -200,7 +200,7 @@ class Predictor:
             self.model = int8.quantize(self.model, self.meta["int8"], self.image_size)
             return
         fold_batchnorm(self.model)  # the model is only used for inference from here on
-        self.precision = resolve_precision(precision, self.device, self.meta["backbone"], inference=True)
+        self.precision = resolve_precision(precision, self.device, self.meta["backbone"])
         self.channels_last = self.device.type != "mps"
         self.model = self.model.to(self.device)
         if self.channels_last:

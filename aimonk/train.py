@@ -139,9 +139,8 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_precision(precision: str, device: torch.device, backbone: str, inference: bool = False) -> str:
-    """Turn ``"auto"`` into the measured-fastest safe choice for this device and backbone
-    (for training, or for ``inference`` only)."""
+def resolve_precision(precision: str, device: torch.device, backbone: str) -> str:
+    """Turn ``"auto"`` into the measured-fastest safe choice for this device and backbone."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision != "auto":
@@ -150,9 +149,7 @@ def resolve_precision(precision: str, device: torch.device, backbone: str, infer
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    spec = BACKBONES[backbone]
-    fast_bf16 = spec.cpu_bf16_inference if inference and spec.cpu_bf16_inference is not None else spec.cpu_bf16
-    if device.type == "cpu" and fast_bf16 and cpu_supports_bf16():
+    if device.type == "cpu" and BACKBONES[backbone].cpu_bf16 and cpu_supports_bf16():
         return "bf16"
     return "fp32"
 
