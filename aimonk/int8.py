@@ -9,7 +9,7 @@ keeps one set of weights.
 
 Only backbones whose ``BackboneSpec.cpu_int8`` is set are quantized: ResNet18 by measurement.
 The EfficientNet-Lite implementation does not quantize into int8 kernels with this API (a
-converted Lite0 ran at 2 img/s and moved probabilities by up to 0.38).
+converted Lite0 ran at 0.4x its fp32 speed, with logit errors larger than the logits' spread).
 
 torch.ao's FX quantization is deprecated upstream in favour of torchao's PT2E flow, which
 needs ``torch.compile``; it works in the pinned torch, and ``available()`` reports whether it
