@@ -88,7 +88,6 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from aimonk.evaluate import attribute_report, report_to_json, score_folder, summarize
-
     from aimonk.predict import Predictor
 
     targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision), a.data)

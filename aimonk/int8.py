@@ -13,7 +13,8 @@ converted Lite0 ran at 0.4x its fp32 speed, with logit errors larger than the lo
 
 torch.ao's FX quantization is deprecated upstream in favour of torchao's PT2E flow, which
 needs ``torch.compile``; it works in the pinned torch, and ``available()`` reports whether it
-is still there, so a newer torch without it falls back to float inference with a warning.
+is still there: with a torch that lacks it, training saves no calibration and ``Predictor``
+refuses precision int8 with a message.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from aimonk.data import normalize_batch
+from aimonk.model import BACKBONES, load_checkpoint, update_checkpoint
 
 ENGINE = "x86"
 CALIBRATION_IMAGES = 256  # training images the observers see; enough for stable histograms at 224 px
@@ -40,6 +42,17 @@ def available() -> bool:
     except ImportError:
         return False
     return ENGINE in torch.backends.quantized.supported_engines
+
+
+def unsupported(meta: dict) -> str | None:
+    """Why the model of a checkpoint with metadata ``meta`` cannot run in int8 here, or None if it can."""
+    if not available():
+        return f"needs torch.ao's FX quantization and the {ENGINE!r} engine, which this torch lacks"
+    if meta.get("probe"):
+        return "is not available for a model with a probe ensemble (train with --no-probe-ensemble)"
+    if not BACKBONES[meta["backbone"]].cpu_int8:
+        return f"is not available for backbone {meta['backbone']!r} (it does not quantize to fast int8 kernels)"
+    return None
 
 
 @contextmanager
@@ -116,15 +129,11 @@ def calibrate_checkpoint(model_path, data_dir, images: int = CALIBRATION_IMAGES,
     """
     from aimonk.cache import DecodedCache
     from aimonk.data import ImageDataset, index_dataset
-    from aimonk.model import BACKBONES, load_checkpoint, update_checkpoint
 
     model, meta = load_checkpoint(model_path)
-    if meta.get("probe"):
-        raise ValueError(f"{model_path}: a model with a probe ensemble does not run in int8")
-    if not BACKBONES[meta["backbone"]].cpu_int8:
-        raise ValueError(f"{model_path}: backbone {meta['backbone']!r} does not quantize to fast int8 kernels")
-    if not available():
-        raise ValueError(f"this torch lacks torch.ao's FX quantization or the {ENGINE!r} engine")
+    problem = unsupported(meta)
+    if problem:
+        raise ValueError(f"{model_path}: int8 inference {problem}")
     index = index_dataset(data_dir)
     val = set((meta.get("split") or {}).get("val") or [])
     paths = [p for n, p in zip(index.table.names, index.paths) if n not in val]

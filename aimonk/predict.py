@@ -16,7 +16,7 @@ from torch import nn
 
 from aimonk import config, int8
 from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch
-from aimonk.model import BACKBONES, head_module, load_checkpoint
+from aimonk.model import head_module, load_checkpoint
 
 
 @dataclass
@@ -160,13 +160,10 @@ def int8_problem(meta: dict, device: torch.device) -> str | None:
     """Why a checkpoint cannot run in int8 on ``device``, or None if it can."""
     if device.type != "cpu":
         return f"runs on the CPU only, not on {device.type}"
-    if not int8.available():
-        return f"needs torch.ao's FX quantization and the {int8.ENGINE!r} engine, which this torch lacks"
+    problem = int8.unsupported(meta)
+    if problem:
+        return problem
     if not meta.get("int8"):
-        if meta.get("probe"):
-            return "is not available for a model with a probe ensemble (train with --no-probe-ensemble)"
-        if not BACKBONES[meta["backbone"]].cpu_int8:
-            return f"is not available for backbone {meta['backbone']!r} (it does not quantize to fast int8 kernels)"
         return "needs calibration, which this checkpoint lacks (add it: python -m aimonk calibrate-int8 --model MODEL --data DIR)"
     return None
 

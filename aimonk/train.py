@@ -716,7 +716,7 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
         final, probe, val_scores = fit_probe(final, cfg, train_plain, val_set, device, precision,
                                              val_groups=[cache.digests[i] for i in val_idx])
     final = final.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    int8_calibration = _int8_calibration(final, cfg, len(attributes), train_plain) if main and probe is None else None
+    int8_calibration = _int8_calibration(final, cfg, len(attributes), train_plain, probe) if main else None
     meta = {
         "backbone": cfg.backbone,
         "attributes": list(attributes),
@@ -754,12 +754,13 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
     return TrainResult(final, meta, checkpoint, plot_path, history, time.perf_counter() - start)
 
 
-def _int8_calibration(model: nn.Module, cfg: TrainConfig, n_attributes: int, dataset: ImageDataset) -> dict | None:
-    """int8 calibration for the checkpoint, or None where its backbone does not quantize (or calibration
+def _int8_calibration(model: nn.Module, cfg: TrainConfig, n_attributes: int, dataset: ImageDataset,
+                      probe: dict | None) -> dict | None:
+    """int8 calibration for the checkpoint, or None where its model cannot run in int8 (or calibration
     fails, with a warning: the trained model is saved either way)."""
-    spec = BACKBONES[cfg.backbone]
-    if not (spec.cpu_int8 and int8.available()):
+    if int8.unsupported({"backbone": cfg.backbone, "probe": probe}):
         return None
+    spec = BACKBONES[cfg.backbone]
     try:
         plain = build_model(cfg.backbone, n_attributes, weights="none")  # as loaded: no distributed BatchNorm
         plain.load_state_dict(model.state_dict())

@@ -141,3 +141,15 @@ def test_a_failed_calibration_never_costs_the_trained_model(sample_dir, tmp_path
     assert any("int8 calibration failed (observer exploded)" in str(w.message) for w in caught)
     _, meta = load_checkpoint(result.checkpoint)
     assert meta["int8"] is None and len(meta["history"]["loss"]) > 0
+
+
+def test_calibrating_a_backbone_that_does_not_quantize_is_refused(sample_dir, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    model = build_model("efficientnet_lite0", 4, weights="none").eval()
+    path = save_checkpoint(tmp_path / "lite.pth", model, {
+        "backbone": "efficientnet_lite0", "attributes": [f"Attr{j}" for j in range(1, 5)], "image_size": 32,
+        "mean": [0.5] * 3, "std": [0.5] * 3, "thresholds": [0.5] * 4})
+    with pytest.raises(ValueError, match=r"lite\.pth: int8 inference is not available for backbone 'efficientnet_lite0'"):
+        int8.calibrate_checkpoint(path, sample_dir)
+    _, meta = load_checkpoint(path)
+    assert "int8" not in meta  # the checkpoint is left as it was

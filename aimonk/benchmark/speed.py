@@ -278,6 +278,11 @@ def _select(n: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
 
 
+def _int8_applies(cfg: SpeedConfig, device: torch.device) -> bool:
+    """Whether the run also measures the project's model in int8."""
+    return cfg.int8 and device.type == "cpu" and int8.unsupported({"backbone": cfg.backbone}) is None
+
+
 def _loader_kw(num_workers: int, device: torch.device) -> dict:
     return dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
 
@@ -326,7 +331,7 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
 
     load_before = _load_average()
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    if cfg.int8 and device.type == "cpu" and spec.cpu_int8 and int8.available():
+    if _int8_applies(cfg, device):
         dtypes["int8"] = torch.int8
     peak = {key: measure_peak_flops(device, dtype, cfg.peak_size) for key, dtype in dtypes.items()}
     flops = forward_flops(cfg.backbone, n_attr, cfg.image_size)
@@ -440,7 +445,7 @@ def _compare_loops(cfg, device, precision, spec, paths, targets, rss: PeakRSS, t
         predictor = Predictor(ckpt, device=str(device), precision=cfg.precision)
     _compare_inference(cfg, device, predictor, orig_model, spec, ok_paths, cache, ok, targets, rss, orig, proj)
     _compare_latency(cfg, device, predictor, orig_model, spec, ok_paths[0], rss, orig, proj)
-    if cfg.int8 and device.type == "cpu" and spec.cpu_int8 and int8.available() and predictor.precision != "int8":
+    if _int8_applies(cfg, device) and predictor.precision != "int8":
         # The same trained model in int8, calibrated on the training images as training does, compared
         # in turns with the original loop again.
         with rss.phase("project"):
