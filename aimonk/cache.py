@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+from aimonk.progress import tqdm
 
 from aimonk import config
 from aimonk.data import ImageLoadError, decode_uint8, file_digest

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
+from aimonk.progress import tqdm
 
 from aimonk import config, distributed, int8
 from aimonk.cache import DecodedCache
