@@ -19,8 +19,8 @@ from pathlib import Path
 import streamlit as st
 
 from aimonk import config
+from aimonk.checkpoint import CheckpointError
 from aimonk.data import ImageLoadError, load_image
-from aimonk.model import CheckpointError
 from aimonk.predict import PredictionResult, Predictor, get_predictor
 from aimonk.widgets import thumbnail_png
 
@@ -114,13 +114,12 @@ def model_info(predictor: Predictor) -> None:
     """A short description of the loaded checkpoint, in the sidebar."""
     m = predictor.meta
     tuned = [f"{a} {t:.2f}" if rule == "threshold" else f"{a} ({rule.replace('_', ' ')})"
-             for a, t, rule in zip(predictor.attributes, m["thresholds"],
-                                   m.get("decision") or ["threshold"] * len(predictor.attributes))]
+             for a, t, rule in zip(predictor.attributes, m.thresholds, m.decisions)]
     with st.sidebar:
         st.divider()
         st.subheader("Model")
         st.caption(f"`{predictor.path}`")
-        st.markdown(f"- backbone: **{m['backbone']}**, input {m['image_size']} px\n"
+        st.markdown(f"- backbone: **{m.backbone}**, input {m.image_size} px\n"
                     f"- attributes: {', '.join(predictor.attributes)}\n"
                     f"- tuned: {', '.join(tuned)}")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from aimonk.progress import tqdm
 
 from aimonk import config
 from aimonk.data import ImageLoadError, decode_uint8, file_digest
+from aimonk.progress import tqdm
 
 PREPROCESS_VERSION = 1  # bump when decode_uint8 changes
 

@@ -7,35 +7,33 @@ import json
 import sys
 import warnings
 from dataclasses import fields
-from pathlib import Path
 
-from aimonk import config
+import pandas as pd
+
+from aimonk import config, distributed
+from aimonk.evaluate import score_folder
+from aimonk.int8 import calibrate_checkpoint
+from aimonk.metrics import attribute_report, report_to_json, summarize
+from aimonk.predict import Predictor, list_images
+from aimonk.train import RECIPES, TrainConfig, recipe_config, train
 
 DEFAULT_MODEL = str(config.DEFAULT_MODEL)
 PRECISION_HELP = ("inference precision: auto (per backbone and device), fp32, bf16, fp16 (CUDA) or int8 "
                   "(CPU; ResNet18 checkpoints without a probe ensemble)")
+RECIPE_HELP = ("preset: 'pretrained' (the best measured recipe: EfficientNet-Lite0 ImageNet fine-tuning, head "
+               "first, AdamW + cosine + crops + TTA + best epoch kept) or 'original' (the seed recipe: ResNet18, "
+               "Adam 1e-4, batch 16, 20 epochs; the defaults shown below); explicit flags override it")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from aimonk.train import TrainConfig
-
-    # Every TrainConfig field becomes a flag, with its inline comment as help.
-    src = Path(__file__).with_name("train.py").read_text()
-    comments = {}
-    for line in src.splitlines():
-        s = line.strip()
-        if ":" in s and "#" in s and "=" in s:
-            comments[s.split(":")[0]] = s.split("#", 1)[1].strip()
-    p.add_argument("--recipe", choices=["pretrained", "original"], default="pretrained",
-                   help="preset: 'pretrained' (the best measured recipe: EfficientNet-Lite0 ImageNet fine-tuning, head "
-                        "first, AdamW + cosine + crops + TTA + best epoch kept) or 'original' (the seed recipe: ResNet18, "
-                        "Adam 1e-4, batch 16, 20 epochs; the defaults shown below); explicit flags override it")
+    """Every ``TrainConfig`` field becomes a flag, with its ``help`` metadata as help text."""
+    p.add_argument("--recipe", choices=list(RECIPES), default="pretrained", help=RECIPE_HELP)
     # Flags left out stay out of the namespace (SUPPRESS), so a preset can fill them.
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{comments.get(f.name, '')} (default: {f.default})"
+        help_ = f"{f.metadata['help']} (default: {f.default})"
         if f.name == "data_dir":
-            p.add_argument("--data", "--data-dir", dest="data_dir", required=True, help=comments.get(f.name, ""))
+            p.add_argument("--data", "--data-dir", dest="data_dir", required=True, help=f.metadata["help"])
         elif f.type in (bool, "bool"):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_)
@@ -44,13 +42,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=typ, default=argparse.SUPPRESS, help=help_)
 
 
-def cmd_train(a: argparse.Namespace) -> int:
-    from aimonk import distributed
-    from aimonk.train import recipe_config, train
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of parsed ``train`` flags: the recipe, then the flags given."""
+    values = {k: v for k, v in vars(a).items() if k not in ("command", "func", "recipe")}
+    return recipe_config(a.recipe, **values)
 
-    values = vars(a)
-    cfg = recipe_config(values.pop("recipe"), **values)
-    result = train(cfg)
+
+def cmd_train(a: argparse.Namespace) -> int:
+    result = train(train_config(a))
     if not distributed.is_main():
         return 0  # under torchrun, rank 0 reports
     h = result.history
@@ -60,10 +59,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         best = h.get("best_epoch")
         kept = f"kept epoch {best} of {len(h['val_macro_ap'])}" if best else "last epoch"
         print(f"Validation macro AP ({kept}): {h['val_macro_ap'][(best or 0) - 1]:.3f}")
-    probe = result.meta.get("probe")
+    probe = result.meta.probe
     if probe and probe["val_macro_ap"] is not None:
         how = "out of fold; the saved probe was refitted on training + validation" if probe.get("cross_fit") else "saved"
-        on = " + ".join(probe.get("backbones") or [result.meta["backbone"]])
+        on = " + ".join(probe.get("backbones") or [result.meta.backbone])
         print(f"Validation macro AP averaged with the frozen-feature probe on {on} ({how}; C {probe['C']:g}): "
               f"{probe['val_macro_ap']:.3f}")
     if result.loss_plot:
@@ -72,8 +71,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from aimonk.predict import Predictor, list_images
-
     predictor = Predictor(a.model, precision=a.precision)
     paths = list_images(a.images)
     if not paths:
@@ -87,18 +84,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from aimonk.evaluate import attribute_report, report_to_json, score_folder, summarize
-    from aimonk.predict import Predictor
-
     targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision), a.data)
-    report = attribute_report(targets, probs, predictor.attributes, predictor.meta["thresholds"],
-                              predictor.meta.get("decision"))
+    report = attribute_report(targets, probs, predictor.attributes, predictor.meta.thresholds,
+                              predictor.meta.decisions)
     if a.json:
         print(json.dumps({"model": a.model, "data": a.data, "n_images": len(names), **report_to_json(report)}, indent=1))
         return 0
     cols = ["n_known", "pos_rate", "ap", "roc_auc", "auc_lo", "auc_hi", "precision", "recall", "f1", "majority_f1"]
-    import pandas as pd
-
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(report[cols].round(3).to_string())
     print()
@@ -111,8 +103,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_int8(a: argparse.Namespace) -> int:
-    from aimonk.int8 import calibrate_checkpoint
-
     calibration = calibrate_checkpoint(a.model, a.data)
     print(f"{a.model}: int8 calibration from {calibration['images']} images of {a.data} "
           f"(predict with --precision int8)")

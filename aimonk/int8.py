@@ -3,7 +3,7 @@
 On CPUs with AVX512-VNNI, int8 convolutions run about twice as fast as bf16 ones. ``calibrate``
 runs the float model over training images with an observer after every activation (torch.ao
 FX graph mode, x86 engine: per-channel int8 weights, histogram-calibrated uint8 activations)
-and returns the observers' state. Training stores it in the checkpoint (``meta["int8"]``), and
+and returns the observers' state. Training stores it in the checkpoint (``CheckpointMeta.int8``), and
 ``quantize`` rebuilds the int8 model from the float weights plus that state, so the checkpoint
 keeps one set of weights.
 
@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from aimonk.data import normalize_batch
-from aimonk.model import BACKBONES, load_checkpoint, update_checkpoint
+from aimonk.cache import DecodedCache
+from aimonk.checkpoint import load_checkpoint, update_checkpoint
+from aimonk.data import ImageDataset, index_dataset, normalize_batch
+from aimonk.model import BACKBONES
 
 ENGINE = "x86"
 CALIBRATION_IMAGES = 256  # training images the observers see; enough for stable histograms at 224 px
@@ -44,14 +46,14 @@ def available() -> bool:
     return ENGINE in torch.backends.quantized.supported_engines
 
 
-def unsupported(meta: dict) -> str | None:
-    """Why the model of a checkpoint with metadata ``meta`` cannot run in int8 here, or None if it can."""
+def unsupported(backbone: str, probe: dict | None = None) -> str | None:
+    """Why a ``backbone`` model (with a probe ensemble if ``probe``) cannot run in int8 here, or None if it can."""
     if not available():
         return f"needs torch.ao's FX quantization and the {ENGINE!r} engine, which this torch lacks"
-    if meta.get("probe"):
+    if probe:
         return "is not available for a model with a probe ensemble (train with --no-probe-ensemble)"
-    if not BACKBONES[meta["backbone"]].cpu_int8:
-        return f"is not available for backbone {meta['backbone']!r} (it does not quantize to fast int8 kernels)"
+    if not BACKBONES[backbone].cpu_int8:
+        return f"is not available for backbone {backbone!r} (it does not quantize to fast int8 kernels)"
     return None
 
 
@@ -84,7 +86,7 @@ def calibrate(model: nn.Module, dataset, image_size: int, mean: Sequence[float],
         model: the trained float model (not changed).
         dataset: items ``(uint8 image (3, S, S), ...)``, unaugmented, e.g. the training images.
     Returns:
-        Plain data for ``meta["int8"]``: the engine, the number of images seen and the observers' state.
+        Plain data for ``CheckpointMeta.int8``: the engine, the number of images seen and the observers' state.
     """
     n = len(dataset)
     if n == 0:
@@ -123,24 +125,21 @@ def calibrate_checkpoint(model_path, data_dir, images: int = CALIBRATION_IMAGES,
     that were not its validation images (for checkpoints trained before training calibrated them).
 
     Returns:
-        The calibration written into the checkpoint's ``meta["int8"]``.
+        The calibration written into the checkpoint's ``CheckpointMeta.int8``.
     Raises:
         ValueError: if the checkpoint's model cannot run in int8, or no image is left to calibrate on.
     """
-    from aimonk.cache import DecodedCache
-    from aimonk.data import ImageDataset, index_dataset
-
     model, meta = load_checkpoint(model_path)
-    problem = unsupported(meta)
+    problem = unsupported(meta.backbone, meta.probe)
     if problem:
         raise ValueError(f"{model_path}: int8 inference {problem}")
     index = index_dataset(data_dir)
-    val = set((meta.get("split") or {}).get("val") or [])
+    val = set((meta.split or {}).get("val") or [])
     paths = [p for n, p in zip(index.table.names, index.paths) if n not in val]
-    cache = DecodedCache(paths, int(meta["image_size"]), cache_dir)
+    cache = DecodedCache(paths, meta.image_size, cache_dir)
     if not cache.ok:
         raise ValueError(f"{data_dir}: no readable image outside the checkpoint's validation split to calibrate on")
     dataset = ImageDataset(torch.utils.data.Subset(cache, cache.ok), np.zeros((len(cache.ok), 1), np.float32))
-    calibration = calibrate(model, dataset, int(meta["image_size"]), meta["mean"], meta["std"], images)
+    calibration = calibrate(model, dataset, meta.image_size, meta.mean, meta.std, images)
     update_checkpoint(model_path, int8=calibration)
     return calibration

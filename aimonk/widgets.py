@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from aimonk import config
+from aimonk.checkpoint import CheckpointError
 from aimonk.data import ImageLoadError, decode_uint8, load_image
-from aimonk.model import CheckpointError
 from aimonk.predict import Predictor, get_predictor
 
 PRESENT_COLOR = "#2a9d8f"
@@ -68,8 +68,8 @@ class UploadPanel(widgets.VBox):
         self.present: list[str] = []
         attributes = predictor.attributes if predictor is not None else []
         tuned_available = predictor is not None and (
-            any(t != 0.5 for t in predictor.meta["thresholds"])
-            or any(d != "threshold" for d in predictor.meta.get("decision", []))
+            any(t != 0.5 for t in predictor.meta.thresholds)
+            or any(d != "threshold" for d in predictor.meta.decisions)
         )
 
         self.title = widgets.HTML(self._title_html())
@@ -113,8 +113,8 @@ class UploadPanel(widgets.VBox):
             return "<h3 style='margin:0'>Image attributes</h3>"
         m = self.predictor.meta
         return (f"<h3 style='margin:0'>Image attributes</h3><span style='color:#666'>model "
-                f"<code>{html.escape(self.predictor.path.name)}</code>: {html.escape(str(m['backbone']))}, "
-                f"{m['image_size']} px, {len(self.predictor.attributes)} attributes</span>")
+                f"<code>{html.escape(self.predictor.path.name)}</code>: {html.escape(str(m.backbone))}, "
+                f"{m.image_size} px, {len(self.predictor.attributes)} attributes</span>")
 
     def _hint_html(self, error: str = "") -> str:
         if error:
@@ -179,10 +179,10 @@ class UploadPanel(widgets.VBox):
         threshold = self.threshold
         self.present = self.predictor.decide(self.probs, threshold)[0]
         meta = self.predictor.meta
-        rules = meta.get("decision") or ["threshold"] * len(self.predictor.attributes)
+        rules = meta.decisions
         for j, a in enumerate(self.predictor.attributes):
             p, on = float(self.probs[j]), a in self.present
-            t = threshold if threshold is not None else float(meta["thresholds"][j])
+            t = threshold if threshold is not None else float(meta.thresholds[j])
             rule = "threshold" if threshold is not None else rules[j]
             self.bars[a].value = p
             self.bars[a].style.bar_color = PRESENT_COLOR if on else ABSENT_COLOR

@@ -56,7 +56,8 @@ def make_constant_checkpoint():
     import torch
 
     from aimonk import config
-    from aimonk.model import build_model, save_checkpoint
+    from aimonk.checkpoint import save_checkpoint
+    from aimonk.model import build_model
 
     def make(probs, path: Path, image_size: int = 32, **meta) -> Path:
         torch.manual_seed(0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
 import struct
@@ -25,9 +24,10 @@ from PIL import Image
 
 from aimonk import config
 from aimonk.cache import DecodedCache
+from aimonk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from aimonk.cli import main as cli_main
 from aimonk.data import ImageLoadError, LabelFileError, decode_uint8, index_dataset, load_image, parse_labels
-from aimonk.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from aimonk.model import build_model
 from aimonk.predict import Predictor, predict
 from aimonk.train import TrainConfig, train
 
@@ -417,7 +417,7 @@ def test_training_skips_unreadable_images(tmp_path, monkeypatch):
     assert f"{len(bad)} unreadable image(s) skipped" in messages
     for name in bad:
         assert name in messages
-    unreadable = " ".join(result.meta["data"]["unreadable"])
+    unreadable = " ".join(result.meta.data["unreadable"])
     assert all(name in unreadable for name in bad)
     split = json.loads((tmp_path / "out" / config.SPLIT_NAME).read_text())
     assert sorted(split["train"]) == sorted([f"img_{i}.png" for i in range(8)] + odd)
@@ -451,8 +451,8 @@ def test_attribute_without_positives_or_labels_falls_back_to_majority(tmp_path, 
     messages = [str(w.message) for w in record]
     assert any("Attr3: no known labels (all NA)" in m and "always reported absent" in m for m in messages)
     assert any("Attr4: no known positives" in m and "always reported absent" in m for m in messages)
-    assert result.meta["decision"] == ["threshold", "threshold", "majority_absent", "majority_absent"]
-    assert result.meta["pos_weight"][2:] == [1.0, 1.0]
+    assert result.meta.decision == ["threshold", "threshold", "majority_absent", "majority_absent"]
+    assert result.meta.pos_weight[2:] == [1.0, 1.0]
     assert all(np.isfinite(result.history["loss"]))
     p = Predictor(result.checkpoint, device="cpu", precision="fp32")
     for i in range(8):
@@ -479,7 +479,7 @@ def test_dataset_smaller_than_batch_trains(tmp_path, n, batch_size):
     result = train(tiny_train_config(tmp_path / "data", tmp_path, batch_size=batch_size, epochs=2))
     assert len(result.history["loss"]) == 2 * (n // batch_size if n % batch_size == 1 else -(-n // batch_size))
     assert all(np.isfinite(result.history["loss"]))
-    assert load_checkpoint(result.checkpoint)[1]["attributes"] == ATTRS
+    assert load_checkpoint(result.checkpoint)[1].attributes == ATTRS
 
 
 def test_too_few_images_for_a_validation_split(tmp_path, capsys):

@@ -88,8 +88,8 @@ def test_fold_batchnorm_keeps_the_outputs_and_the_module_names(backbone):
 
     import torch
 
+    from aimonk.inference import fold_batchnorm
     from aimonk.model import build_model
-    from aimonk.predict import fold_batchnorm
 
     if backbone == "efficientnet_lite0":
         pytest.importorskip("efficientnet_lite_pytorch")
@@ -110,8 +110,8 @@ def test_fold_batchnorm_keeps_the_outputs_and_the_module_names(backbone):
 
 
 def test_fold_batchnorm_refuses_a_model_in_training_mode():
+    from aimonk.inference import fold_batchnorm
     from aimonk.model import build_model
-    from aimonk.predict import fold_batchnorm
 
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(build_model("resnet18", 4, weights="none").train())
@@ -132,7 +132,7 @@ def test_predictor_runs_the_folded_model(constant_checkpoint):
 def test_training_uses_the_fused_optimizer():
     import torch
 
-    from aimonk.train import make_optimizer
+    from aimonk.train.loop import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     for name in ("adam", "adamw"):
@@ -145,7 +145,7 @@ def test_training_uses_the_fused_optimizer():
 def test_batch_decoding_threads_give_the_same_items_and_errors(sample_dir, tmp_path):
     import torch
 
-    from aimonk.predict import _DecodeDataset
+    from aimonk.inference import _DecodeDataset
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")

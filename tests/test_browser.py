@@ -116,7 +116,7 @@ def model_path(trained) -> Path:
 
 @pytest.fixture(scope="module")
 def attributes(trained) -> list[str]:
-    return list(trained.meta["attributes"])
+    return list(trained.meta.attributes)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import aimonk.data
+import aimonk.data.images
 from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, decode_uint8
 
@@ -42,7 +42,7 @@ def count_decodes(monkeypatch):
         calls["open"] += 1
         return real_open(*args, **kwargs)
 
-    monkeypatch.setattr(aimonk.data, "load_image", load_image)
+    monkeypatch.setattr(aimonk.data.images, "load_image", load_image)
     monkeypatch.setattr(Image, "open", open_)
     return calls
 

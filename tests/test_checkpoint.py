@@ -11,9 +11,8 @@ import torch
 
 import aimonk
 from aimonk import config
-from aimonk.model import (
-    CheckpointError, ProbeEnsemble, build_model, load_checkpoint, save_checkpoint, update_checkpoint,
-)
+from aimonk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_checkpoint
+from aimonk.model import ProbeEnsemble, build_model
 
 ATTRIBUTES = ["blue", "light", "striped", "red_square"]
 
@@ -59,10 +58,10 @@ def test_round_trip_gives_the_same_outputs_and_metadata(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     for key, value in meta.items():
-        assert loaded_meta[key] == value, key
-    assert loaded_meta["aimonk_version"] == aimonk.__version__
-    assert loaded_meta["format"] == "aimonk-checkpoint"
-    assert "state_dict" not in loaded_meta
+        assert getattr(loaded_meta, key) == value, key
+    assert loaded_meta.aimonk_version == aimonk.__version__
+    assert loaded_meta.format == "aimonk-checkpoint"
+    assert not hasattr(loaded_meta, "state_dict")
 
 
 def test_a_probe_ensemble_round_trips_and_averages_its_members_probabilities(tmp_path):
@@ -71,7 +70,7 @@ def test_a_probe_ensemble_round_trips_and_averages_its_members_probabilities(tmp
     ensemble = ProbeEnsemble(fresh_model(0), fresh_model(1)).eval()
     path = save_checkpoint(tmp_path / "model.pth", ensemble, make_meta(probe={"C": 0.01}))
     loaded, meta = load_checkpoint(path)
-    assert isinstance(loaded, ProbeEnsemble) and meta["probe"] == {"C": 0.01}
+    assert isinstance(loaded, ProbeEnsemble) and meta.probe == {"C": 0.01}
     x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = (torch.sigmoid(ensemble.finetuned(x)) + torch.sigmoid(ensemble.probe(x))) / 2
@@ -92,7 +91,7 @@ def test_a_probe_on_several_frozen_networks_round_trips(tmp_path):
     info = {"C": 0.01, "backbones": ["resnet18", "resnet18"]}
     path = save_checkpoint(tmp_path / "model.pth", ensemble, make_meta(probe=info))
     loaded, meta = load_checkpoint(path)
-    assert isinstance(loaded.probe, FeatureProbe) and meta["probe"] == info
+    assert isinstance(loaded.probe, FeatureProbe) and meta.probe == info
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ensemble(x))
@@ -120,15 +119,15 @@ def test_save_accepts_a_channels_last_model_and_leaves_it_untouched(tmp_path):
 
 def test_the_trained_checkpoint_describes_itself(trained):
     model, meta = load_checkpoint(trained.checkpoint)
-    assert meta["backbone"] == "resnet18"
-    assert meta["attributes"] == ["Attr1", "Attr2", "Attr3", "Attr4"]
-    assert meta["image_size"] == 32
-    assert meta["mean"] == list(config.IMAGENET_MEAN) and meta["std"] == list(config.IMAGENET_STD)
-    assert meta["thresholds"] == [0.5] * 4
-    assert meta["config"]["epochs"] == 1 and meta["config"]["weights"] == "none"
-    assert meta["config"]["lr"] == 1e-4 and meta["config"]["optimizer"] == "adam"
-    assert meta["history"]["loss"] == trained.history["loss"] and len(meta["history"]["loss"]) > 1
-    assert meta["aimonk_version"] == aimonk.__version__
+    assert meta.backbone == "resnet18"
+    assert meta.attributes == ["Attr1", "Attr2", "Attr3", "Attr4"]
+    assert meta.image_size == 32
+    assert meta.mean == list(config.IMAGENET_MEAN) and meta.std == list(config.IMAGENET_STD)
+    assert meta.thresholds == [0.5] * 4
+    assert meta.config["epochs"] == 1 and meta.config["weights"] == "none"
+    assert meta.config["lr"] == 1e-4 and meta.config["optimizer"] == "adam"
+    assert meta.history["loss"] == trained.history["loss"] and len(meta.history["loss"]) > 1
+    assert meta.aimonk_version == aimonk.__version__
     assert model.fc.out_features == 4
     assert torch.load(trained.checkpoint, map_location="cpu", weights_only=True)["format"] == "aimonk-checkpoint"
 
@@ -155,7 +154,7 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_
         save_checkpoint(path, fresh_model(1), make_meta(thresholds=[0.9] * 4))
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert load_checkpoint(path)[1]["thresholds"] == [0.1] * 4
+    assert load_checkpoint(path)[1].thresholds == [0.1] * 4
     assert leftovers(tmp_path) == []
 
 
@@ -268,7 +267,8 @@ def test_the_malicious_payload_is_real(tmp_path):
     ("changes", "pattern"),
     [
         ({"thresholds": [0.5] * 3}, "3 thresholds for 4 attributes"),
-        ({"attributes": ATTRIBUTES + ["extra"], "thresholds": [0.5] * 5}, "do not fit backbone 'resnet18' with 5 attributes"),
+        ({"attributes": ATTRIBUTES + ["extra"], "thresholds": [0.5] * 5, "decision": ["threshold"] * 5},
+         "do not fit backbone 'resnet18' with 5 attributes"),
         ({"backbone": "vgg16"}, "unknown backbone 'vgg16'"),
     ],
     ids=["thresholds", "attribute count", "backbone"],
@@ -294,11 +294,11 @@ def test_update_checkpoint_changes_thresholds_and_keeps_the_rest(tmp_path):
     model = fresh_model()
     path = save_checkpoint(tmp_path / "model.pth", model, make_meta())
     new = update_checkpoint(path, thresholds=[0.2, 0.3, 0.4, 0.6], decision=["threshold"] * 4)
-    assert new["thresholds"] == [0.2, 0.3, 0.4, 0.6]
+    assert new.thresholds == [0.2, 0.3, 0.4, 0.6]
     loaded, meta = load_checkpoint(path)
-    assert meta["thresholds"] == [0.2, 0.3, 0.4, 0.6]
-    assert meta["decision"] == ["threshold"] * 4
-    assert meta["history"] == make_meta()["history"] and meta["attributes"] == ATTRIBUTES
-    assert meta["aimonk_version"] == aimonk.__version__
+    assert meta.thresholds == [0.2, 0.3, 0.4, 0.6]
+    assert meta.decision == ["threshold"] * 4
+    assert meta.history == make_meta()["history"] and meta.attributes == ATTRIBUTES
+    assert meta.aimonk_version == aimonk.__version__
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert leftovers(tmp_path) == []

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from aimonk import config
+from aimonk.checkpoint import load_checkpoint
 from aimonk.cli import main
-from aimonk.model import load_checkpoint
 from aimonk.train import PRETRAINED_RECIPE, TrainConfig, recipe_config
 
 PROBS = [0.9, 0.2, 0.4, 0.7]
@@ -72,7 +72,7 @@ def test_train_writes_the_model_and_the_loss_plot(tmp_path, sample_dir):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out.parent / config.SPLIT_NAME).is_file()
     _, meta = load_checkpoint(out)
-    assert meta["image_size"] == 32 and meta["config"]["batch_size"] == 24 and meta["config"]["epochs"] == 1
+    assert meta.image_size == 32 and meta.config["batch_size"] == 24 and meta.config["epochs"] == 1
     assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob("*.resume.*"))
 
 
@@ -93,12 +93,11 @@ def test_train_help_lists_every_training_parameter(cli):
 
 
 def test_train_flags_fill_the_dataclass():
-    from aimonk.cli import build_parser
+    from aimonk.cli import build_parser, train_config
 
     args = build_parser().parse_args(["train", "--data", "d", "--epochs", "3", "--lr", "0.001", "--no-channels-last",
                                       "--tta", "--image-size", "64"])
-    values = vars(args)
-    cfg = recipe_config(values.pop("recipe"), **values)
+    cfg = train_config(args)
     assert (cfg.data_dir, cfg.epochs, cfg.lr, cfg.channels_last, cfg.tta, cfg.image_size) == ("d", 3, 1e-3, False, True, 64)
     # Flags not given come from the default recipe (the best measured one), then from the dataclass.
     assert cfg.backbone == PRETRAINED_RECIPE["backbone"] and cfg.batch_size == PRETRAINED_RECIPE["batch_size"]
@@ -106,10 +105,9 @@ def test_train_flags_fill_the_dataclass():
 
 
 def test_recipe_original_reproduces_the_seed_recipe_and_flags_override_it():
-    from aimonk.cli import build_parser
+    from aimonk.cli import build_parser, train_config
 
-    values = vars(build_parser().parse_args(["train", "--data", "d", "--recipe", "original", "--epochs", "2"]))
-    cfg = recipe_config(values.pop("recipe"), **values)
+    cfg = train_config(build_parser().parse_args(["train", "--data", "d", "--recipe", "original", "--epochs", "2"]))
     assert (cfg.backbone, cfg.optimizer, cfg.lr, cfg.batch_size, cfg.schedule, cfg.augment) == (
         "resnet18", "adam", 1e-4, 16, "constant", "flip")
     assert cfg.epochs == 2 and cfg.weights == "imagenet"

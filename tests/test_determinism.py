@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import sample_subset
 
 from aimonk import config
 from aimonk.predict import Predictor
 from aimonk.train import TrainConfig, train
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,14 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """The first 12 sample rows whose image exists."""
-    dst = tmp_path_factory.mktemp("data") / "sample12"
-    rows = [line for line in (config.SAMPLE_DIR / "labels.txt").read_text().splitlines()
-            if line.split() and (config.SAMPLE_DIR / "images" / line.split()[0]).is_file()][:12]
-    (dst / "images").mkdir(parents=True)
-    for line in rows:
-        shutil.copy(config.SAMPLE_DIR / "images" / line.split()[0], dst / "images")
-    (dst / "labels.txt").write_text("\n".join(rows) + "\n")
-    return dst
+    return sample_subset(tmp_path_factory.mktemp("data") / "sample12")
 
 
 def run(data: Path, root: Path, precision: str = "fp32", seed: int = 0):

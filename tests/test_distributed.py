@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import sample_subset
 from torch import nn
 
 from aimonk import config, distributed
+from aimonk.checkpoint import load_checkpoint
 from aimonk.losses import MaskedBCEWithLogitsLoss
-from aimonk.model import load_checkpoint
 from aimonk.predict import Predictor
-from aimonk.train import resume_path
+from aimonk.train.resume import resume_path
 
 REPO = config.PROJECT_ROOT
 N_IMAGES = 80  # 64 training images after the split: 4 global batches of 16 per epoch
@@ -141,23 +141,16 @@ def test_loss_normalizer_is_what_the_mean_divides_by(normalization):
 # A worker that fails two optimiser steps into a chosen epoch, on every rank: a crash mid-epoch.
 CRASH_THEN_TRAIN = r"""
 import sys
-import aimonk.train as T
+sys.path.insert(0, sys.argv[1])
+from helpers import stop_in_epoch
+import aimonk.train.run as R
 from aimonk.cli import main
 
-crash_epoch = int(sys.argv[1])
-original = T.train_one_epoch
+def crash():
+    raise RuntimeError("simulated crash in the middle of the epoch")
 
-def patched(*args, **kwargs):
-    if args[12] == crash_epoch:
-        def on_step(loss, seen=[0]):
-            seen[0] += 1
-            if seen[0] == 2:
-                raise RuntimeError("simulated crash in the middle of the epoch")
-        kwargs["on_step"] = on_step
-    return original(*args, **kwargs)
-
-T.train_one_epoch = patched
-sys.exit(main(sys.argv[2:]))
+R.train_one_epoch = stop_in_epoch(R, int(sys.argv[2]), 2, crash)
+sys.exit(main(sys.argv[3:]))
 """
 
 
@@ -200,19 +193,14 @@ def runs(tmp_path_factory) -> dict:
     """Three runs side by side (one thread each): 2 processes, 1 process, and 2 processes crashed then resumed."""
     root = tmp_path_factory.mktemp("ddp")
     data = root / "data"
-    rows = [line for line in (config.SAMPLE_DIR / "labels.txt").read_text().splitlines()
-            if line.split() and (config.SAMPLE_DIR / "images" / line.split()[0]).is_file()][:N_IMAGES]
-    (data / "images").mkdir(parents=True)
-    for line in rows:
-        shutil.copy(config.SAMPLE_DIR / "images" / line.split()[0], data / "images")
-    (data / "labels.txt").write_text("\n".join(rows) + "\n")
+    sample_subset(data, N_IMAGES)
     script = root / "crash_then_train.py"
     script.write_text(CRASH_THEN_TRAIN)
 
     ddp, single, resumed = root / "ddp" / "model.pth", root / "single" / "model.pth", root / "resumed" / "model.pth"
     procs = {"ddp": _start([*TORCHRUN, "-m", "aimonk", *_train_args(data, ddp, root / "cache-ddp")]),
              "single": _start([sys.executable, "-m", "aimonk", *_train_args(data, single, root / "cache-single")]),
-             "crashed": _start([*TORCHRUN, str(script), "1", *_train_args(data, resumed, root / "cache-resumed")])}
+             "crashed": _start([*TORCHRUN, str(script), str(Path(__file__).resolve().parent), "1", *_train_args(data, resumed, root / "cache-resumed")])}
     try:
         result = {"data": data, "ddp": ddp, "single": single, "resumed": resumed}
         result["crashed"] = _finish(procs["crashed"])
@@ -238,7 +226,7 @@ def test_two_processes_complete_and_only_rank_0_writes(runs):
     assert sorted(p.name for p in runs["ddp"].parent.iterdir()) == ["loss.png", "model.pth", config.SPLIT_NAME]
     assert out.count("Saved ") == 1 and f"Saved {runs['ddp']}" in out  # rank 0 reports, once
     _, meta = load_checkpoint(runs["ddp"])
-    assert meta["config"]["batch_size"] == 16 and len(meta["history"]["loss"]) == 2 * 4  # 64 images / 16, twice
+    assert meta.config["batch_size"] == 16 and len(meta.history["loss"]) == 2 * 4  # 64 images / 16, twice
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from aimonk.evaluate import (
+from aimonk import metrics
+from aimonk.metrics import (
     THRESHOLD_GRID,
     apply_decisions,
     attribute_report,
@@ -228,17 +229,15 @@ def test_macro_average_precision_ignores_na_and_single_class_attributes():
 
 
 def test_choose_decisions_prefers_majority_when_the_tuned_threshold_loses_to_it():
-    from aimonk import evaluate
-
     # A real but weak ranking on a 90 % positive attribute: the AUC interval is above 0.5, yet no
     # grid threshold beats "always present" on F1, so the majority rule must be kept.
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(180), np.zeros(20)]
     p = np.where(y == 1, rng.uniform(0.0, 1.0, 200), rng.uniform(0.0, 0.3, 200))
     targets = y[:, None].astype(np.float32)
-    lo, _ = evaluate.bootstrap_auc(y.astype(int), p)
+    lo, _ = metrics.bootstrap_auc(y.astype(int), p)
     assert lo > 0.5
-    thresholds, decisions = evaluate.choose_decisions(targets, p[:, None], ["A"])
-    tuned_f1 = evaluate.attribute_report(targets, p[:, None], ["A"], thresholds)["f1"].iloc[0]
-    assert tuned_f1 < evaluate.majority_f1(y.astype(int))
+    thresholds, decisions = metrics.choose_decisions(targets, p[:, None], ["A"])
+    tuned_f1 = metrics.attribute_report(targets, p[:, None], ["A"], thresholds)["f1"].iloc[0]
+    assert tuned_f1 < metrics.majority_f1(y.astype(int))
     assert decisions == ["majority_present"]

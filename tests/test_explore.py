@@ -7,8 +7,16 @@ import pytest
 from PIL import Image
 
 from aimonk.data import index_dataset
-from aimonk.explore import (dataset_health, describe_image, find_duplicates, image_table, label_counts,
-                            label_string, mode_summary, size_summary)
+from aimonk.explore import (
+    dataset_health,
+    describe_image,
+    find_duplicates,
+    image_table,
+    label_counts,
+    label_string,
+    mode_summary,
+    size_summary,
+)
 from aimonk.train import TrainConfig, prepare_data
 
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from aimonk import config, int8
+from aimonk.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, update_checkpoint
 from aimonk.data import index_dataset
-from aimonk.model import build_model, load_checkpoint, save_checkpoint, update_checkpoint
-from aimonk.predict import Predictor, int8_problem
+from aimonk.inference import int8_problem
+from aimonk.model import build_model
+from aimonk.predict import Predictor
 
 pytestmark = pytest.mark.skipif(not int8.available(), reason="this torch has no x86 int8 engine")
 
@@ -74,8 +76,8 @@ def test_calibration_round_trips_through_a_checkpoint(tmp_path):
 
 def test_training_calibrates_a_resnet18_checkpoint(trained, sample_dir):
     _, meta = load_checkpoint(trained.checkpoint)
-    n_train = len(index_dataset(sample_dir, warn=False).table) - len(meta["split"]["val"])
-    assert meta["int8"]["images"] == trained.meta["int8"]["images"] == min(int8.CALIBRATION_IMAGES, n_train)
+    n_train = len(index_dataset(sample_dir, warn=False).table) - len(meta.split["val"])
+    assert meta.int8["images"] == trained.meta.int8["images"] == min(int8.CALIBRATION_IMAGES, n_train)
     fp32 = Predictor(trained.checkpoint, precision="fp32")
     q = Predictor(trained.checkpoint, precision="int8")
     images = _Images(8, 32, seed=5).x
@@ -90,11 +92,14 @@ def test_int8_is_refused_clearly(constant_checkpoint, tmp_path):
     path = constant_checkpoint([0.3, 0.7])  # no calibration in it
     with pytest.raises(ValueError, match=r"constant\.pth: int8 inference needs calibration.*calibrate-int8"):
         Predictor(path, precision="int8")
-    meta = {"backbone": "resnet18", "int8": {"engine": "x86"}}
-    assert "CPU only" in int8_problem(meta, torch.device("cuda"))
-    assert int8_problem(meta, torch.device("cpu")) is None
-    assert "efficientnet_lite0" in int8_problem({"backbone": "efficientnet_lite0"}, torch.device("cpu"))
-    assert "probe ensemble" in int8_problem({"backbone": "efficientnet_lite0", "probe": {"C": 1}}, torch.device("cpu"))
+    def meta(**values):
+        return CheckpointMeta(attributes=["a"], image_size=32, mean=[0.5] * 3, std=[0.5] * 3, thresholds=[0.5], **values)
+
+    calibrated = meta(backbone="resnet18", int8={"engine": "x86"})
+    assert "CPU only" in int8_problem(calibrated, torch.device("cuda"))
+    assert int8_problem(calibrated, torch.device("cpu")) is None
+    assert "efficientnet_lite0" in int8_problem(meta(backbone="efficientnet_lite0"), torch.device("cpu"))
+    assert "probe ensemble" in int8_problem(meta(backbone="efficientnet_lite0", probe={"C": 1}), torch.device("cpu"))
     with pytest.raises(ValueError, match="auto, fp32, bf16, fp16 or int8"):
         Predictor(path, precision="int4")
 
@@ -120,9 +125,9 @@ def test_cli_calibrates_an_older_checkpoint(trained, sample_dir, tmp_path, capsy
     with pytest.warns(UserWarning, match="not found"):  # the sample's one missing image
         assert main(["calibrate-int8", "--model", str(path), "--data", str(sample_dir)]) == 0
     _, meta = load_checkpoint(path)
-    n_train = len(index_dataset(sample_dir, warn=False).table) - len(meta["split"]["val"])  # validation left out
+    n_train = len(index_dataset(sample_dir, warn=False).table) - len(meta.split["val"])  # validation left out
     assert f"int8 calibration from {n_train} images" in capsys.readouterr().out
-    assert meta["int8"]["images"] == n_train
+    assert meta.int8["images"] == n_train
     assert main(["predict", str(sample_dir / "images" / "image_0.jpg"), "--model", str(path), "--precision", "int8"]) == 0
     assert capsys.readouterr().out.startswith("Image: image_0.jpg\nAttributes present: [")
 
@@ -140,7 +145,7 @@ def test_a_failed_calibration_never_costs_the_trained_model(sample_dir, tmp_path
         result = train(cfg)
     assert any("int8 calibration failed (observer exploded)" in str(w.message) for w in caught)
     _, meta = load_checkpoint(result.checkpoint)
-    assert meta["int8"] is None and len(meta["history"]["loss"]) > 0
+    assert meta.int8 is None and len(meta.history["loss"]) > 0
 
 
 def test_calibrating_a_backbone_that_does_not_quantize_is_refused(sample_dir, tmp_path):
@@ -152,4 +157,4 @@ def test_calibrating_a_backbone_that_does_not_quantize_is_refused(sample_dir, tm
     with pytest.raises(ValueError, match=r"lite\.pth: int8 inference is not available for backbone 'efficientnet_lite0'"):
         int8.calibrate_checkpoint(path, sample_dir)
     _, meta = load_checkpoint(path)
-    assert "int8" not in meta  # the checkpoint is left as it was
+    assert meta.int8 is None  # the checkpoint is left as it was

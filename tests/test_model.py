@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from aimonk import model as model_module
-from aimonk.model import (
-    BACKBONES,
-    CheckpointError,
-    WeightsUnavailableError,
-    build_model,
-    head_parameters,
-    save_checkpoint,
-)
+from aimonk.checkpoint import CheckpointError, save_checkpoint
+from aimonk.model import BACKBONES, WeightsUnavailableError, build_model, head_parameters
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from aimonk.checkpoint import CheckpointError, update_checkpoint
 from aimonk.data import ImageLoadError
-from aimonk.model import CheckpointError, update_checkpoint
 from aimonk.predict import PredictionResult, Predictor, get_predictor, list_images, predict
 
 PROBS = [0.9, 0.2, 0.4, 0.7]  # what the constant model says for every image
@@ -123,7 +123,7 @@ def test_checkpoint_majority_decisions_are_applied(constant_checkpoint, image_fi
 def test_a_checkpoint_without_decisions_uses_thresholds(constant_checkpoint, image_file, tmp_path):
     path = constant_checkpoint(PROBS)
     meta_less = update_checkpoint(path, decision=[])
-    assert meta_less["decision"] == []
+    assert meta_less.decision == [] and meta_less.decisions == ["threshold"] * 4
     assert Predictor(path).predict(image_file).present == ["Attr1", "Attr4"]
 
 
@@ -194,7 +194,7 @@ def test_an_unreadable_image_raises_naming_it(constant, tmp_path):
 def test_get_predictor_loads_once_and_reloads_when_the_file_changes(constant_checkpoint, image_file, monkeypatch):
     path = constant_checkpoint(PROBS)
     loads = []
-    import aimonk.predict as predict_module
+    import aimonk.inference as predict_module
 
     real = predict_module.load_checkpoint
 

@@ -11,7 +11,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,31 +18,22 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import sample_subset, stop_in_epoch
 
-import aimonk.train as train_module
+import aimonk.train.run as train_run
 from aimonk import config
+from aimonk.checkpoint import load_checkpoint
 from aimonk.cli import main as cli_main
-from aimonk.model import load_checkpoint
-from aimonk.train import TrainConfig, TrainingError, resume_path, train
+from aimonk.train import TrainConfig, TrainingError, train
+from aimonk.train.resume import resume_path
 
 REPO = config.PROJECT_ROOT
+TESTS = Path(__file__).resolve().parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def sample_subset(dst: Path, n: int = 12) -> Path:
-    """The first ``n`` rows of the embedded sample whose image exists, copied to ``dst``."""
-    rows = [line for line in (config.SAMPLE_DIR / "labels.txt").read_text().splitlines()
-            if line.split() and (config.SAMPLE_DIR / "images" / line.split()[0]).is_file()][:n]
-    (dst / "images").mkdir(parents=True)
-    for line in rows:
-        shutil.copy(config.SAMPLE_DIR / "images" / line.split()[0], dst / "images")
-    (dst / "labels.txt").write_text("\n".join(rows) + "\n")
-    return dst
 
 
 def config_for(data: Path, out: Path, cache: Path, **kw) -> TrainConfig:
@@ -63,8 +53,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     different = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not different, f"weights differ in {len(different)} tensors, e.g. {different[:3]}"
     for key in ("loss", "epoch_loss", "val_macro_ap"):
-        assert meta_a["history"][key] == meta_b["history"][key], key
-    assert len(meta_a["history"]["epoch_loss"]) == meta_a["config"]["epochs"]
+        assert meta_a.history[key] == meta_b.history[key], key
+    assert len(meta_a.history["epoch_loss"]) == meta_a.config["epochs"]
 
 
 class Interrupted(Exception):
@@ -73,19 +63,10 @@ class Interrupted(Exception):
 
 def interrupt_at(monkeypatch, epoch: int, step: int = 2) -> None:
     """Make ``train`` die after ``step`` optimiser steps of (0-based) ``epoch``."""
-    original = train_module.train_one_epoch
+    def crash():
+        raise Interrupted
 
-    def patched(*args, **kwargs):
-        bound = inspect.signature(original).bind(*args, **kwargs)
-        if bound.arguments["epoch"] == epoch:
-            def on_step(loss, seen=[0]):
-                seen[0] += 1
-                if seen[0] == step:
-                    raise Interrupted
-            bound.arguments["on_step"] = on_step
-        return original(*bound.args, **bound.kwargs)
-
-    monkeypatch.setattr(train_module, "train_one_epoch", patched)
+    monkeypatch.setattr(train_run, "train_one_epoch", stop_in_epoch(train_run, epoch, step, crash))
 
 
 @pytest.fixture(scope="module")
@@ -98,27 +79,21 @@ def data(tmp_path_factory) -> Path:
 # Runs the CLI in a child process that writes a marker and stalls after two optimiser steps of a
 # chosen epoch, so the parent can SIGKILL it at a known point in the middle of that epoch.
 STALL_THEN_TRAIN = r"""
-import inspect, sys, time
+import sys, time
 from pathlib import Path
-import aimonk.train as T
+sys.path.insert(0, sys.argv[1])
+from helpers import stop_in_epoch
+import aimonk.train.run as R
 from aimonk.cli import main
 
-marker, stall_epoch = Path(sys.argv[1]), int(sys.argv[2])
-original = T.train_one_epoch
+marker, stall_epoch = Path(sys.argv[2]), int(sys.argv[3])
 
-def patched(*args, **kwargs):
-    bound = inspect.signature(original).bind(*args, **kwargs)
-    if bound.arguments["epoch"] == stall_epoch:
-        def on_step(loss, seen=[0]):
-            seen[0] += 1
-            if seen[0] == 2:
-                marker.write_text("in the middle of the epoch")
-                time.sleep(600)
-        bound.arguments["on_step"] = on_step
-    return original(*bound.args, **bound.kwargs)
+def stall():
+    marker.write_text("in the middle of the epoch")
+    time.sleep(600)
 
-T.train_one_epoch = patched
-sys.exit(main(sys.argv[3:]))
+R.train_one_epoch = stop_in_epoch(R, stall_epoch, 2, stall)
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -149,7 +124,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(data, tmp_path):
     straight = subprocess.Popen([sys.executable, "-m", "aimonk", *_train_args(data, reference, tmp_path / "cache2")],
                                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marker = tmp_path / "stalled"
-    child = subprocess.Popen([sys.executable, "-c", STALL_THEN_TRAIN, str(marker), "1", *_train_args(data, out, cache)],
+    child = subprocess.Popen([sys.executable, "-c", STALL_THEN_TRAIN, str(TESTS), str(marker), "1",
+                              *_train_args(data, out, cache)],
                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -249,7 +225,7 @@ def test_resume_from_a_damaged_state_file_is_a_clear_error(data, tmp_path, conte
 def test_nonfinite_loss_stops_with_epoch_and_batch_and_keeps_last_good_state(data, tmp_path, monkeypatch, reference,
                                                                               capsys):
     """A NaN loss in epoch 2, batch 2 stops training; the state after epoch 1 survives and resumes."""
-    original = train_module.train_one_epoch
+    original = train_run.train_one_epoch
 
     def poisoned(*args, **kwargs):
         bound = inspect.signature(original).bind(*args, **kwargs)
@@ -266,7 +242,7 @@ def test_nonfinite_loss_stops_with_epoch_and_batch_and_keeps_last_good_state(dat
 
     cfg = config_for(data, tmp_path / "model.pth", tmp_path / "cache")
     with monkeypatch.context() as m:
-        m.setattr(train_module, "train_one_epoch", poisoned)
+        m.setattr(train_run, "train_one_epoch", poisoned)
         with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2, batch 2.*"
                            r"The state after epoch 1 is kept in " + re.escape(str(resume_path(cfg.out)))):
             train(cfg)
@@ -293,9 +269,9 @@ def _no_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("data was indexed or decoded before the output folder was checked")
 
-    monkeypatch.setattr(train_module, "prepare_data", fail)
-    monkeypatch.setattr(train_module, "DecodedCache", fail)
-    monkeypatch.setattr(train_module, "index_dataset", fail)
+    monkeypatch.setattr(train_run, "prepare_data", fail)
+    monkeypatch.setattr(train_run, "DecodedCache", fail)
+    monkeypatch.setattr(train_run, "index_dataset", fail)
 
 
 def _blocked(tmp_path: Path) -> Path:
@@ -342,7 +318,7 @@ def test_missing_output_folder_is_created_before_any_work(data, tmp_path, monkey
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(train_module, "prepare_data", stop)
+    monkeypatch.setattr(train_run, "prepare_data", stop)
     out = tmp_path / "new" / "deeper" / "model.pth"
     with pytest.raises(Stop):
         train(config_for(data, out, tmp_path / "cache", loss_plot=str(tmp_path / "figs" / "loss.png")))

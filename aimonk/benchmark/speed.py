@@ -56,13 +56,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from aimonk import config, int8
 from aimonk.cache import DecodedCache
+from aimonk.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, update_checkpoint
 from aimonk.data import ImageDataset, file_digest, index_dataset
+from aimonk.inference import fold_batchnorm, infer_probabilities
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
-from aimonk.model import BACKBONES, build_model, load_checkpoint, save_checkpoint, update_checkpoint
-from aimonk.predict import Predictor, fold_batchnorm, infer_probabilities
-from aimonk.train import (
-    make_optimizer, resolve_precision, select_device, set_seed, train_one_epoch, train_transform,
-)
+from aimonk.model import BACKBONES, build_model
+from aimonk.predict import Predictor
+from aimonk.runtime import resolve_precision, select_device, set_seed
+from aimonk.train import train_one_epoch, train_transform
+from aimonk.train.loop import make_optimizer
 
 TUNING_EXPERIMENTS = ("loader", "precision", "optimizer", "fold", "compile")
 INT8_KEYS = ("infer", "infer_model_only", "latency_ms")  # what is measured again with the int8 model
@@ -280,7 +282,7 @@ def _select(n: int, limit: int) -> np.ndarray:
 
 def _int8_applies(cfg: SpeedConfig, device: torch.device) -> bool:
     """Whether the run also measures the project's model in int8."""
-    return cfg.int8 and device.type == "cpu" and int8.unsupported({"backbone": cfg.backbone}) is None
+    return cfg.int8 and device.type == "cpu" and int8.unsupported(cfg.backbone) is None
 
 
 def _loader_kw(num_workers: int, device: torch.device) -> dict:
@@ -437,10 +439,9 @@ def _compare_loops(cfg, device, precision, spec, paths, targets, rss: PeakRSS, t
     proj["ok"] = ok
 
     ok_paths = [paths[i] for i in ok]
-    ckpt = save_checkpoint(tmp / "model.pth", proj_model, {
-        "backbone": cfg.backbone, "attributes": [f"Attr{j + 1}" for j in range(n_attr)],
-        "image_size": cfg.image_size, "mean": list(spec.mean), "std": list(spec.std), "thresholds": [0.5] * n_attr,
-    })
+    ckpt = save_checkpoint(tmp / "model.pth", proj_model, CheckpointMeta(
+        backbone=cfg.backbone, attributes=[f"Attr{j + 1}" for j in range(n_attr)], image_size=cfg.image_size,
+        mean=list(spec.mean), std=list(spec.std), thresholds=[0.5] * n_attr))
     with rss.phase("project"):
         predictor = Predictor(ckpt, device=str(device), precision=cfg.precision)
     _compare_inference(cfg, device, predictor, orig_model, spec, ok_paths, cache, ok, targets, rss, orig, proj)

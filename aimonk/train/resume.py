@@ -1,0 +1,73 @@
+"""Kill-and-resume: the per-epoch state beside the checkpoint, saved atomically and read back checked."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from aimonk import distributed
+from aimonk.files import CheckpointError, atomic_torch_save, safe_load
+from aimonk.train.config import TrainConfig
+from aimonk.train.loop import TrainingError
+
+# Settings that may change between a run and its resumption: they do not change the result.
+NOT_RESUMABLE_KEYS = ("resume", "progress", "num_workers", "cache_dir", "loss_plot")
+
+
+def resume_path(out: str | os.PathLike) -> Path:
+    """Where the per-epoch resumable state for ``out`` lives."""
+    out = Path(out)
+    return out.with_name(out.stem + ".resume" + out.suffix)
+
+
+def resumable_config(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the run that saved the state."""
+    d = asdict(cfg)
+    for k in NOT_RESUMABLE_KEYS:
+        d.pop(k)
+    return d
+
+
+def save_state(path: Path, cfg: TrainConfig, epoch: int, history: dict, model: nn.Module, optimizer, scheduler,
+               ema, best_ap: float, best_state: dict | None) -> None:
+    """Write the state after ``epoch`` epochs (atomically: a kill never leaves half a file)."""
+    atomic_torch_save({
+        "config": resumable_config(cfg), "epoch": epoch, "history": history,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "best_ap": best_ap, "best_state": best_state,
+    }, path)
+
+
+def load_state(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, ema) -> dict:
+    """Restore model, optimizer, schedule and EMA from ``path`` (rank 0's file, sent to every process).
+
+    Returns:
+        ``{"epoch", "history", "best_ap", "best_state"}``.
+    Raises:
+        TrainingError: naming the file, if it is damaged or was saved with another configuration.
+    """
+    try:
+        state = distributed.from_main(lambda: safe_load(path))
+    except CheckpointError as e:
+        raise TrainingError(f"{e}; delete it or drop resume") from None
+    saved = state.get("config") if isinstance(state, dict) else None
+    if saved != resumable_config(cfg):
+        changed = sorted(k for k, v in resumable_config(cfg).items() if (saved or {}).get(k) != v)
+        raise TrainingError(f"{path}: saved with a different configuration ({', '.join(changed)}); "
+                            "delete it or drop resume")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        return {k: state[k] for k in ("epoch", "history", "best_ap", "best_state")}
+    except (KeyError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainingError(f"{path}: cannot resume from it ({first[:200]}); delete it or drop resume") from None
