@@ -22,12 +22,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project with all extras (idempotent)
 
-reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-04 with papermill into reports/ (DATA=dir for other data)
-	@mkdir -p reports
-	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(PY) -m papermill --cwd notebooks notebooks/$$nb.ipynb reports/$$nb.ipynb -p data_dir $(DATA) $(PAPERMILL_ARGS) || exit 1; \
-	done
+reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-04 into reports/ (DATA=dir, PAPERMILL_ARGS="-p epochs 5")
+	$(PY) -m aimonk.run_notebooks --data $(DATA) --output-dir reports $(PAPERMILL_ARGS) $(NOTEBOOKS)
 	@echo "Done: reports/*.ipynb, reports/figures/, models/model.pth"
 
 train: $(STAMP) ## train with the CLI only (no notebooks): python -m aimonk train --data $(DATA)
