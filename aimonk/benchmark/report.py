@@ -220,8 +220,8 @@ def _glance_rows(name: str, record: dict) -> list[str]:
     if record["benchmark"] == "quality":
         summary = quality_summary(record)
         majority = next((s for s in summary if s["recipe"] == "majority"), None)
-        against = (f"majority AP {majority['stats']['macro_ap'][0]:.3f}, F1 {majority['stats']['macro_f1_tuned'][0]:.3f}"
-                   if majority else "")
+        m = majority["stats"] if majority else None
+        against = f"majority AP {m['macro_ap'][0]:.3f}, F1 {m['macro_f1_tuned'][0]:.3f}" if m else ""
         rows = []
         for s in summary:
             if s["signal"] is None:
@@ -295,6 +295,11 @@ def render_all(folder: Path, readme: Path | None = None) -> dict[Path, str]:
     return out
 
 
+def orphan_tables(folder: Path, files: dict[Path, str]) -> list[Path]:
+    """Markdown files in ``folder`` that the generator does not write (their JSON is gone)."""
+    return [path for path in sorted(folder.glob("*.md")) if path not in files and path.name != "README.md"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m aimonk.benchmark report``."""
     p = argparse.ArgumentParser(prog="python -m aimonk.benchmark report", description=__doc__.splitlines()[0])
@@ -309,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     stale = [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+    orphans = orphan_tables(Path(a.dir), files)
+    for path in orphans:
+        print(f"no JSON for {path}: remove it", file=sys.stderr)
     if a.check:
         for path in stale:
             print(f"out of date: {path} (run `python -m aimonk.benchmark report`)", file=sys.stderr)
-        return 1 if stale else 0
+        return 1 if stale or orphans else 0
     for path in stale:
         path.write_text(text := files[path])
         print(f"wrote {path} ({len(text.splitlines())} lines)")
