@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -123,18 +124,35 @@ def _ratio(record: dict, key: str) -> float:
     return record["ratios"].get(key, p / o if o else float("nan"))
 
 
+def _describe_run(run: dict) -> str:
+    load = run["machine"].get("load_average_at_start")
+    about = [run["date"]]
+    if "wall_minutes" in run:
+        about.append(f"wall time {run['wall_minutes']} min")
+    if load:
+        about.append(f"load average at start {load[0]:.2f} (1 min) / {load[1]:.2f} (5 min)")
+    return f"`{run['command']}` ({', '.join(about)})"
+
+
 def _run_lines(record: dict) -> list[str]:
-    run = record["run"]
-    m, v = run["machine"], run["versions"]
-    load = m.get("load_average_at_start")
-    lines = [f"- command: `{run['command']}`",
-             f"- date: {run['date']}" + (f", wall time {run['wall_minutes']} min" if "wall_minutes" in run else ""),
-             f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
-             + (f", {m['gpu']}" if m.get("gpu") else "")
-             + (f"; load average at start {load[0]:.2f} (1 min) / {load[1]:.2f} (5 min)" if load else ""),
-             f"- versions: Python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
-             f"aimonk {v['aimonk']} at commit `{v['git_commit']}`"]
-    return lines
+    runs = record.get("runs") or [record["run"]]
+    if len(runs) == 1:
+        lines = [f"- command: {_describe_run(runs[0])}"]
+    else:
+        lines = ["- commands, one process per fold:", *(f"  - {_describe_run(run)}" for run in runs)]
+    machines, versions = {}, {}  # distinct descriptions, in order (dicts as ordered sets)
+    for run in runs:
+        m, v = run["machine"], run["versions"]
+        machines[f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+                 + (f", {m['gpu']}" if m.get("gpu") else "")] = None
+        versions[f"Python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
+                 f"aimonk {v['aimonk']} at commit `{v['git_commit']}`"] = None
+    return lines + [f"- machine: {'; '.join(machines)}", f"- versions: {'; '.join(versions)}"]
+
+
+def _folds_scored(record: dict) -> str:
+    scored = len({row["fold"] for row in record["rows"]})
+    return f"{scored}-fold CV" if scored == record["folds"] else f"{scored} of {record['folds']} CV folds (unfinished)"
 
 
 def quality_summary(record: dict) -> list[dict]:
@@ -166,7 +184,7 @@ def render_quality(record: dict, source: str) -> str:
     summary = quality_summary(record)
     names = [label for label, _ in QUALITY_METRICS]
     lines = [GENERATED.format(source=source), "",
-             f"# Quality: `{record['data']}`, {record['folds']} folds", "", *_run_lines(record), "",
+             f"# Quality: `{record['data']}`, {_folds_scored(record)}", "", *_run_lines(record), "",
              "Held-out fold scores, mean ± std across folds (each recipe trains on the other folds).", "",
              "| recipe | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for s in summary:
@@ -229,7 +247,7 @@ def _glance_rows(name: str, record: dict) -> list[str]:
             st = s["stats"]
             verdict = "signal" if s["signal"] else "**no signal** (chance)"
             rows.append(
-                f"| quality, `{s['recipe']}`, {s['folds']}-fold CV | `{record['data']}` | "
+                f"| quality, `{s['recipe']}`, {_folds_scored(record)} | `{record['data']}` | "
                 f"AP {st['macro_ap'][0]:.3f} ± {st['macro_ap'][1]:.3f}, AUC {st['macro_auc'][0]:.3f} ± "
                 f"{st['macro_auc'][1]:.3f}, F1 {st['macro_f1_tuned'][0]:.3f} | {against}; chance AUC "
                 f"{st['chance_auc'][0]:.3f} | {verdict} | {link} |")
@@ -257,14 +275,28 @@ def render_glance(records: dict[str, dict]) -> str:
 
 
 def load_records(folder: Path) -> dict[str, dict]:
-    """Every benchmark JSON in ``folder``, by file name."""
-    records = {}
+    """Every benchmark JSON in ``folder``, by file name, each with its list of ``runs`` and ``sources``.
+
+    Quality runs split over processes with ``--fold K`` and written as ``NAME_foldK.json`` are merged
+    into one record named ``NAME.json``; they must share the data folder and the number of folds.
+    """
+    records: dict[str, dict] = {}
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
         if not isinstance(record, dict) or record.get("benchmark") not in ("speed", "quality") or "run" not in record:
             raise ValueError(f"{path}: not a benchmark record (no 'benchmark' and 'run' keys); "
                              "rerun the benchmark with --json")
-        records[path.name] = record
+        part = re.fullmatch(r"(.+)_fold\d+\.json", path.name)
+        name = f"{part[1]}.json" if part and record["benchmark"] == "quality" else path.name
+        if name not in records:
+            records[name] = {**record, "runs": [record["run"]], "sources": [path.name]}
+            continue
+        merged = records[name]
+        if (merged["benchmark"], merged["data"], merged["folds"]) != ("quality", record["data"], record["folds"]):
+            raise ValueError(f"{path}: cannot merge with {merged['sources'][0]} (other data or fold count)")
+        merged["rows"] = merged["rows"] + record["rows"]
+        merged["runs"].append(record["run"])
+        merged["sources"].append(path.name)
     return records
 
 
@@ -282,7 +314,7 @@ def render_all(folder: Path, readme: Path | None = None) -> dict[Path, str]:
     out = {}
     for name, record in records.items():
         render = render_quality if record["benchmark"] == "quality" else render_speed
-        out[folder / Path(name).with_suffix(".md").name] = render(record, name)
+        out[folder / Path(name).with_suffix(".md").name] = render(record, ", ".join(record["sources"]))
     glance = render_glance(records)
     out[folder / "summary.md"] = (GENERATED.format(source="*.json") + "\n\n# Results at a glance\n\n"
                                   + glance.replace("](reports/benchmarks/", "]("))
