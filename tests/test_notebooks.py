@@ -6,11 +6,16 @@ After editing either file, ``make notebooks`` syncs the pair and strips the outp
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import jupytext
+import nbformat
 import pytest
+from jupyter_server.services.contents.filemanager import FileContentsManager
 from jupytext.config import find_jupytext_configuration_file, load_jupytext_configuration_file
+from jupytext.sync_contentsmanager import build_sync_jupytext_contents_manager_class
 
 from aimonk import config
 
@@ -62,3 +67,27 @@ def test_the_first_code_cell_alone_is_tagged_parameters(path: Path):
 def test_cell_ids_are_unique(path: Path):
     ids = [c.id for c in jupytext.read(path).cells]
     assert len(set(ids)) == len(ids), f"{path.name}: repeated cell ids"
+
+
+def test_jupyterlab_edits_reach_the_py_and_py_edits_reach_the_notebook(tmp_path):
+    # JupyterLab saves through jupytext's contents manager, which reads jupytext.toml.
+    shutil.copy(config.PROJECT_ROOT / "jupytext.toml", tmp_path)
+    (tmp_path / "notebooks").mkdir()
+    for path in NOTEBOOKS_DIR.glob("04_infer.*"):
+        shutil.copy(path, tmp_path / "notebooks")
+    cm = build_sync_jupytext_contents_manager_class(FileContentsManager)(root_dir=str(tmp_path))
+    name = "notebooks/04_infer.ipynb"
+    nb = cm.get(name)["content"]
+    ids = [c.id for c in nb.cells]
+    nb.cells.insert(2, nbformat.v4.new_markdown_cell("Added in JupyterLab"))
+    nb.cells[-1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
+    cm.save({"type": "notebook", "content": nb}, name)
+    py = tmp_path / "notebooks" / "04_infer.py"
+    assert "# Added in JupyterLab" in py.read_text()
+
+    time.sleep(1.1)  # the .py must be newer to be read as the source of the cells
+    py.write_text(py.read_text().replace("Added in JupyterLab", "Edited as text"))
+    nb = cm.get(name)["content"]
+    assert nb.cells[2].source == "Edited as text"
+    assert [c.id for c in nb.cells if c.id in ids] == ids  # the other cells keep their ids
+    assert nb.cells[-1].outputs[0].text == "ran\n"  # and their outputs
