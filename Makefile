@@ -8,7 +8,7 @@ DATA ?= data/sample
 PAPERMILL_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup reports train test test-fast lab sample clean
+.PHONY: help setup reports notebooks train test test-fast lab sample clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project with all extras (idempotent)
 
-reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-04 with papermill into reports/ (DATA=dir for other data)
-	@mkdir -p reports
-	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(PY) -m papermill --cwd notebooks notebooks/$$nb.ipynb reports/$$nb.ipynb -p data_dir $(DATA) $(PAPERMILL_ARGS) || exit 1; \
-	done
+reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-04 into reports/ (DATA=dir, PAPERMILL_ARGS="-p epochs 5")
+	$(PY) -m aimonk.run_notebooks --data $(DATA) --output-dir reports $(PAPERMILL_ARGS) $(NOTEBOOKS)
 	@echo "Done: reports/*.ipynb, reports/figures/, models/model.pth"
+
+notebooks: $(STAMP) ## after editing a notebook or its .py: sync the pair (the newer wins), strip outputs
+	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace --log-level WARN notebooks/*.ipynb
+	$(VENV)/bin/jupytext --sync --quiet notebooks/*.ipynb  # the .py newer again, as JupyterLab expects
 
 train: $(STAMP) ## train with the CLI only (no notebooks): python -m aimonk train --data $(DATA)
 	$(PY) -m aimonk train --data $(DATA)

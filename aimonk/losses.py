@@ -75,3 +75,22 @@ class MaskedBCEWithLogitsLoss(nn.Module):
         known_per_image = mask.sum(1)  # (B,)
         per_image = per_entry.sum(1) / known_per_image.clamp(min=1)  # mean over the image's known labels
         return per_image.sum() / (known_per_image > 0).sum().clamp(min=1)
+
+
+def masked_vs_plain_loss(logits: torch.Tensor, targets: torch.Tensor,
+                         pos_weight: torch.Tensor | None = None) -> dict[str, float]:
+    """The masked loss training minimises next to plain BCE, which reads every NA label as a 0.
+
+    Both weight positives by ``pos_weight``, so they differ only in what NA labels count for.
+
+    Args:
+        logits: (B, n_attributes).
+        targets: (B, n_attributes) with 1, 0 or -1 (NA).
+        pos_weight: (n_attributes,) weights for positives, or None.
+    Returns:
+        ``masked`` (``MaskedBCEWithLogitsLoss``: the mean over known labels), ``plain`` (the mean over
+        every label, NA as 0) and ``na_share`` (the share of labels that are NA).
+    """
+    masked = MaskedBCEWithLogitsLoss(pos_weight)(logits, targets)
+    plain = F.binary_cross_entropy_with_logits(logits.float(), targets.clamp(min=0).float(), pos_weight=pos_weight)
+    return {"masked": masked.item(), "plain": plain.item(), "na_share": (targets < 0).float().mean().item()}

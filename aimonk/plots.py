@@ -162,3 +162,50 @@ def plot_metric_bars(report: pd.DataFrame) -> Figure:
         ax.set_ylim(0, 1)
     fig.tight_layout()
     return fig
+
+
+def plot_batch(images, targets, attributes: Sequence[str], n: int = 12, ncols: int = 6) -> Figure:
+    """The first ``n`` images of a batch as the model gets them, captioned with their labels.
+
+    Args:
+        images: uint8 (B, 3, S, S), augmented and not yet normalised.
+        targets: (B, n_attributes) with 1, 0 or -1 (NA).
+        attributes: the attribute names, in column order.
+        n: how many images to show.
+        ncols: images per row.
+    Returns:
+        The figure; each caption reads ``Attr1 1  Attr2 NA`` and so on.
+    """
+    pictures = list(np.asarray(images[:n]).transpose(0, 2, 3, 1))  # (n, S, S, 3)
+    return plot_image_grid(pictures, [_label_caption(row, attributes) for row in np.asarray(targets[:n])], ncols)
+
+
+def _label_caption(row: np.ndarray, attributes: Sequence[str]) -> str:
+    parts = [f"{a} {'NA' if v < 0 else int(v)}" for a, v in zip(attributes, row)]
+    return "\n".join("  ".join(parts[i:i + 2]) for i in range(0, len(parts), 2))  # two attributes a line
+
+
+def plot_validation_ap(val_macro_ap: Sequence[float], best_epoch: int | None = None) -> Figure:
+    """Validation macro AP after each epoch, with the epoch whose weights were kept marked.
+
+    Args:
+        val_macro_ap: one value per epoch (empty when nothing was held out).
+        best_epoch: the epoch kept (1-based), or None when the last epoch's weights were saved.
+    Returns:
+        The figure.
+    """
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    epochs = np.arange(1, len(val_macro_ap) + 1)
+    ax.plot(epochs, val_macro_ap, marker="o", label="validation macro AP")
+    if best_epoch:
+        ax.axvline(best_epoch, color="k", ls="--", lw=1, label=f"kept: epoch {best_epoch}")
+    if not len(val_macro_ap):
+        ax.text(0.5, 0.5, "no validation images (val_fraction = 0)", ha="center", transform=ax.transAxes)
+    ax.set_xticks(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("macro AP")
+    ax.set_title("Validation macro AP per epoch")
+    if len(val_macro_ap):
+        ax.legend()
+    fig.tight_layout()
+    return fig

