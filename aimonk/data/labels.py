@@ -95,77 +95,90 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
             a duplicate or unsafe image name, or a file with no label rows.
     """
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise LabelFileError(f"{path}: labels file not found") from None
-    except UnicodeDecodeError as e:
-        raise LabelFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
+    lines = _read_lines(path)
+    header, n_labels = None, len(attributes) if attributes is not None else None
     names: list[str] = []
     rows: list[list[float]] = []
     line_numbers: list[int] = []
     seen: dict[str, int] = {}
-    header: list[str] | None = None
-    n_labels: int | None = len(attributes) if attributes is not None else None
-    lines = text.splitlines()
-    # Without a header, the label count is the most common one (ties: the earliest), so that a bad
-    # first line (e.g. a file name with a space) is the line reported, not every line after it.
-    counts = Counter(len(raw.split()) - 1 for raw in lines if len(raw.split()) > 1)
-    typical = next((len(raw.split()) - 1 for raw in lines
-                    if len(raw.split()) > 1 and counts[len(raw.split()) - 1] == max(counts.values())), None)
-
     for lineno, raw in enumerate(lines, start=1):
         fields = raw.split()
         if not fields:
             continue
         where = f"{path} line {lineno}"
-        name, tokens = fields[0], fields[1:]
-        # A row naming an image file is data even if its tokens are all words (then they are bad labels).
-        if not rows and header is None and tokens and PurePosixPath(name).suffix.lower() not in config.IMAGE_EXTENSIONS \
-                and all(_parse_token(t) is None and not t.lstrip("+-").replace(".", "", 1).isdigit() for t in tokens):
-            header = tokens  # e.g. "image Attr1 Attr2 Attr3 Attr4"
-            if n_labels is not None and len(header) != n_labels:
-                raise LabelFileError(f"{where}: header names {len(header)} attributes, expected {n_labels}")
-            twice = sorted({a for a in header if header.count(a) > 1})
-            if twice:
-                raise LabelFileError(f"{where}: header names attribute(s) {twice} more than once; expected unique names")
+        if not rows and header is None and _is_header(fields):
+            header = _check_header(fields[1:], n_labels, where)  # e.g. "image Attr1 Attr2 Attr3 Attr4"
             n_labels = len(header)
             continue
         if n_labels is None:
-            if not tokens:
-                raise LabelFileError(f"{where}: expected a file name followed by label tokens, got only {name!r}")
-            n_labels = typical
-        if len(tokens) != n_labels:
-            hint = " (file names may not contain spaces)" if len(tokens) > n_labels else ""
-            raise LabelFileError(
-                f"{where}: expected {n_labels} labels after the file name, got {len(tokens)}{hint}: {raw.strip()!r}"
-            )
-        values = []
-        for k, token in enumerate(tokens, start=1):
-            v = _parse_token(token)
-            if v is None:
-                looks_like_name = Path(token).suffix.lower() in config.IMAGE_EXTENSIONS
-                hint = " (file names may not contain spaces)" if looks_like_name else ""
-                raise LabelFileError(f"{where}: label {k} is {token!r}; expected 1, 0 or NA{hint}")
-            values.append(v)
-        _check_name(name, where)
+            if len(fields) < 2:
+                raise LabelFileError(f"{where}: expected a file name followed by label tokens, got only {fields[0]!r}")
+            n_labels = _typical_label_count(lines)
+        name, values = _parse_row(fields, raw, n_labels, where)
         if name in seen:
             raise LabelFileError(f"{where}: duplicate image name {name!r} (first seen on line {seen[name]})")
         seen[name] = lineno
         names.append(name)
         rows.append(values)
         line_numbers.append(lineno)
-
     if not rows:
         raise LabelFileError(f"{path}: no label rows found (expected lines like 'image_0.jpg 1 NA 0 1')")
     if attributes is None:
         attributes = header if header is not None else [f"Attr{j + 1}" for j in range(n_labels)]
-    return LabelTable(
-        names=names,
-        targets=np.asarray(rows, dtype=np.float32),
-        attributes=list(attributes),
-        source=path,
-        line_numbers=line_numbers,
-    )
+    return LabelTable(names=names, targets=np.asarray(rows, dtype=np.float32), attributes=list(attributes),
+                      source=path, line_numbers=line_numbers)
 
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines, decoded as UTF-8 (a byte-order mark is dropped)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise LabelFileError(f"{path}: labels file not found") from None
+    except UnicodeDecodeError as e:
+        raise LabelFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _typical_label_count(lines: list[str]) -> int:
+    """The most common label count (ties: the earliest), so that a bad first line (e.g. a file name
+    with a space) is the line reported, not every line after it."""
+    counts = Counter(len(raw.split()) - 1 for raw in lines if len(raw.split()) > 1)
+    return next(len(raw.split()) - 1 for raw in lines
+                if len(raw.split()) > 1 and counts[len(raw.split()) - 1] == max(counts.values()))
+
+
+def _is_header(fields: list[str]) -> bool:
+    """A first row of words only. A row naming an image file is data even if its tokens are all words
+    (then they are bad labels)."""
+    name, tokens = fields[0], fields[1:]
+    return bool(tokens) and PurePosixPath(name).suffix.lower() not in config.IMAGE_EXTENSIONS and all(
+        _parse_token(t) is None and not t.lstrip("+-").replace(".", "", 1).isdigit() for t in tokens)
+
+
+def _check_header(header: list[str], n_labels: int | None, where: str) -> list[str]:
+    if n_labels is not None and len(header) != n_labels:
+        raise LabelFileError(f"{where}: header names {len(header)} attributes, expected {n_labels}")
+    twice = sorted({a for a in header if header.count(a) > 1})
+    if twice:
+        raise LabelFileError(f"{where}: header names attribute(s) {twice} more than once; expected unique names")
+    return header
+
+
+def _parse_row(fields: list[str], raw: str, n_labels: int, where: str) -> tuple[str, list[float]]:
+    """``(name, values)`` of one data row, checked: the label count, each token, the name."""
+    name, tokens = fields[0], fields[1:]
+    if len(tokens) != n_labels:
+        hint = " (file names may not contain spaces)" if len(tokens) > n_labels else ""
+        raise LabelFileError(
+            f"{where}: expected {n_labels} labels after the file name, got {len(tokens)}{hint}: {raw.strip()!r}"
+        )
+    values = []
+    for k, token in enumerate(tokens, start=1):
+        v = _parse_token(token)
+        if v is None:
+            looks_like_name = Path(token).suffix.lower() in config.IMAGE_EXTENSIONS
+            hint = " (file names may not contain spaces)" if looks_like_name else ""
+            raise LabelFileError(f"{where}: label {k} is {token!r}; expected 1, 0 or NA{hint}")
+        values.append(v)
+    _check_name(name, where)
+    return name, values
