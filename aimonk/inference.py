@@ -124,7 +124,7 @@ def fold_batchnorm(model: nn.Module) -> int:
 
     The BatchNorm becomes ``nn.Identity`` and every module keeps its name, so the model still loads
     the same state-dict keys minus the folded statistics, and hooks on blocks keep working. It saves
-    the BatchNorm passes at inference (about 15 % of a ResNet18 forward on the 2-core CPU). A model
+    the BatchNorm passes at inference. A model
     that ``torch.fx`` cannot trace is left as it is.
 
     Returns:

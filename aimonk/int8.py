@@ -1,6 +1,6 @@
 """int8 inference on x86 CPUs: post-training static quantization with calibration stored in the checkpoint.
 
-On CPUs with AVX512-VNNI, int8 convolutions run about twice as fast as bf16 ones. ``calibrate``
+On CPUs with AVX512-VNNI, int8 convolutions run faster than bf16 ones. ``calibrate``
 runs the float model over training images with an observer after every activation (torch.ao
 FX graph mode, x86 engine: per-channel int8 weights, histogram-calibrated uint8 activations)
 and returns the observers' state. Training stores it in the checkpoint (``CheckpointMeta.int8``), and
@@ -9,7 +9,7 @@ keeps one set of weights.
 
 Only backbones whose ``BackboneSpec.cpu_int8`` is set are quantized: ResNet18 by measurement.
 The EfficientNet-Lite implementation does not quantize into int8 kernels with this API (a
-converted Lite0 ran at 0.4x its fp32 speed, with logit errors larger than the logits' spread).
+converted Lite0 ran slower than in fp32, with logit errors larger than the logits' spread; docs/speed.md).
 
 torch.ao's FX quantization is deprecated upstream in favour of torchao's PT2E flow, which
 needs ``torch.compile``; it works in the pinned torch, and ``available()`` reports whether it

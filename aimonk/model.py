@@ -16,9 +16,9 @@ from torch import nn
 from aimonk import config
 from aimonk.files import CheckpointError, safe_load
 
-# Per-backbone facts: input normalisation, and the CPU precision/memory format that measured fastest.
-# ResNet18 trains 2.9x faster under bf16 autocast + channels_last on AMX CPUs; EfficientNet-Lite0's
-# depthwise convolutions are slower under bf16 there (12 vs 17 img/s), so it stays fp32 + channels_last.
+# Per-backbone facts: input normalisation, and the CPU precision/memory format that measured fastest
+# (python -m aimonk.benchmark speed; results in reports/benchmarks/): ResNet18 gains from bf16 autocast on
+# CPUs with bf16 matmul, EfficientNet-Lite0's depthwise convolutions do not, so it stays fp32.
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512,
                              cpu_int8=True),
     # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; lite1/lite2 are deeper and wider.
-    # fp32 for training and inference: training is as fast as in bf16 here, and bf16 features move the
-    # probe ensemble's logits by up to 11 on single images (README "Speed").
+    # fp32 for training and inference: bf16 gains nothing here, and bf16 features move the probe
+    # ensemble's single predictions (docs/speed.md).
     **{name: BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280)
        for name in EFFICIENTNET_LITE_SHA256},
 }
