@@ -20,6 +20,15 @@ def sample_subset(dst: Path, n: int = 12) -> Path:
     return dst
 
 
+def tiny_config(data: Path, out: Path, cache: Path, **overrides):
+    """A ``TrainConfig`` that trains in seconds on the CPU: random init, 32 px, fp32, no plot, no progress."""
+    from aimonk.train import TrainConfig
+
+    values = dict(data_dir=str(data), out=str(out), loss_plot="", epochs=1, batch_size=4, image_size=32,
+                  weights="none", precision="fp32", device="cpu", num_workers=0, cache_dir=str(cache), progress=False)
+    return TrainConfig(**{**values, **overrides})
+
+
 class AfterSteps:
     """Wraps a DataLoader so that ``action()`` runs once ``steps`` optimiser steps of the epoch are done
     (when the loop asks for the next batch): a crash or a stall in the middle of an epoch."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
 
 from aimonk import config
@@ -93,11 +94,7 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 def tiny_train_config(data: Path, tmp_path: Path, **kw) -> TrainConfig:
-    values = dict(data_dir=str(data), out=str(tmp_path / "out" / "model.pth"), loss_plot="", epochs=1,
-                  batch_size=4, image_size=32, weights="none", precision="fp32", device="cpu",
-                  cache_dir=str(tmp_path / "cache"), val_fraction=0.0, progress=False)
-    values.update(kw)
-    return TrainConfig(**values)
+    return tiny_config(data, tmp_path / "out" / "model.pth", tmp_path / "cache", **{"val_fraction": 0.0, **kw})
 
 
 @pytest.fixture(scope="module")

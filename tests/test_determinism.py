@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import sample_subset
+from helpers import sample_subset, tiny_config
 
 from aimonk import config
 from aimonk.predict import Predictor
-from aimonk.train import TrainConfig, train
+from aimonk.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,9 +25,8 @@ def data(tmp_path_factory) -> Path:
 
 def run(data: Path, root: Path, precision: str = "fp32", seed: int = 0):
     """A 2-epoch run with shuffling and flip augmentation (both use the seed), each with its own cache."""
-    cfg = TrainConfig(data_dir=str(data), out=str(root / "model.pth"), loss_plot="", epochs=2, batch_size=4,
-                      image_size=32, weights="none", precision=precision, device="cpu", cache_dir=str(root / "cache"),
-                      val_fraction=0.25, augment="flip", seed=seed, progress=False)
+    cfg = tiny_config(data, root / "model.pth", root / "cache", epochs=2, precision=precision, val_fraction=0.25,
+                      augment="flip", seed=seed)
     return train(cfg)
 
 

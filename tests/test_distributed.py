@@ -235,7 +235,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
         assert runs[name][0] == 0, runs[name][1][-3000:]
     _, ddp = load_checkpoint(runs["ddp"])
     _, single = load_checkpoint(runs["single"])
-    a, b = np.array(ddp["history"]["loss"]), np.array(single["history"]["loss"])
+    a, b = np.array(ddp.history["loss"]), np.array(single.history["loss"])
     assert a.shape == b.shape == (8,)
     # Before Adam has amplified float noise, the two are the same computation (measured: < 1e-6).
     np.testing.assert_allclose(a[:2], b[:2], rtol=0, atol=1e-5)
@@ -277,4 +277,4 @@ def test_two_processes_resume_after_a_crash_to_the_uninterrupted_result(runs):
     sa, sb = model_a.state_dict(), model_b.state_dict()
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []  # exactly the uninterrupted 2-process run
     for key in ("loss", "epoch_loss", "val_macro_ap"):
-        assert meta_a["history"][key] == meta_b["history"][key], key
+        assert meta_a.history[key] == meta_b.history[key], key

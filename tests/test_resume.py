@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import sample_subset, stop_in_epoch
+from helpers import sample_subset, stop_in_epoch, tiny_config
 
 import aimonk.train.run as train_run
 from aimonk import config
@@ -37,11 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config_for(data: Path, out: Path, cache: Path, **kw) -> TrainConfig:
-    values = dict(data_dir=str(data), out=str(out), loss_plot="", epochs=3, batch_size=4, image_size=32,
-                  weights="none", precision="fp32", device="cpu", num_workers=0, cache_dir=str(cache),
-                  val_fraction=0.25, schedule="cosine", warmup_epochs=0.5, progress=False)
-    values.update(kw)
-    return TrainConfig(**values)
+    return tiny_config(data, out, cache, **{"epochs": 3, "val_fraction": 0.25, "schedule": "cosine",
+                                            "warmup_epochs": 0.5, **kw})
 
 
 def assert_same_run(a: Path, b: Path) -> None:
