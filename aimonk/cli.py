@@ -11,6 +11,7 @@ from dataclasses import fields
 import pandas as pd
 
 from aimonk import config, distributed
+from aimonk.checkpoint import CheckpointMeta
 from aimonk.evaluate import score_folder
 from aimonk.int8 import calibrate_checkpoint
 from aimonk.metrics import attribute_report, report_to_json, summarize
@@ -65,9 +66,17 @@ def cmd_train(a: argparse.Namespace) -> int:
         on = " + ".join(probe.get("backbones") or [result.meta.backbone])
         print(f"Validation macro AP averaged with the frozen-feature probe on {on} ({how}; C {probe['C']:g}): "
               f"{probe['val_macro_ap']:.3f}")
+    print(f"Decisions: {decisions_text(result.meta)}")
     if result.loss_plot:
         print(f"Loss plot: {result.loss_plot}")
     return 0
+
+
+def decisions_text(meta: CheckpointMeta) -> str:
+    """One line: each attribute's decision rule, e.g. ``Attr1 p >= 0.42, Attr2 always absent (majority)``."""
+    rules = [f"{a} p >= {t:.2f}" if d == "threshold" else f"{a} always {d.split('_')[1]} (majority)"
+             for a, t, d in zip(meta.attributes, meta.thresholds, meta.decisions)]
+    return ", ".join(rules)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:

