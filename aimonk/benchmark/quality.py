@@ -113,36 +113,16 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                      **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
         print(json.dumps(rows[-1]), flush=True)
         for recipe in recipes:
-            t0, extra = time.perf_counter(), []
-            if recipe not in recipes_cfg:
-                raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(recipes_cfg)}")
-            params = dict(recipes_cfg[recipe])
-            if epochs is not None and recipe != "frozen_lr":
-                params["epochs"] = epochs
-            if image_size is not None:
-                params["image_size"] = image_size
-            params.update(overrides or {})
-            cfg = TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(work / f"{recipe}_{k}.pth"),
-                                 "loss_plot": "", "seed": seed if train_seed is None else train_seed,
-                                 "progress": progress})
+            t0 = time.perf_counter()
+            cfg = _recipe_config(recipe, recipes_cfg, data_dir, work / f"{recipe}_{k}.pth",
+                                 seed if train_seed is None else train_seed, epochs, image_size, overrides, progress)
             result = train(cfg, names=list(names[train_rows]))
             val_names = result.meta.split["val"]
             t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names)
-            attrs = result.meta.attributes
-            thresholds, decisions = choose_decisions(t_val, p_val, attrs)
+            thresholds, decisions = choose_decisions(t_val, p_val, result.meta.attributes)
             t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
             scores = fold_scores(t_te, p_te, thresholds, decisions)
-            if cfg.tta:  # a free ablation: the same model scored without the flip
-                t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=False)
-                t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
-                extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
-                              **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
-            if result.meta.int8:  # the same model in int8 (CPU inference), thresholds tuned in int8 too
-                int8_model = Predictor(result.checkpoint, device="cpu", precision="int8")
-                t_val, p_val, _, _ = score_folder(int8_model, data_dir, names=val_names)
-                t_te, p_te, _, _ = score_folder(int8_model, data_dir, names=test_names)
-                extra.append({"recipe": f"{recipe} in int8", "fold": k, "minutes": 0.0,
-                              **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+            extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, val_names, test_names)
             kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
                     "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]]}
             new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores, **kept}, *extra]
@@ -150,6 +130,39 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                 print(json.dumps(row), flush=True)
             rows.extend(new)
     return pd.DataFrame(rows)
+
+
+def _recipe_config(recipe: str, recipes_cfg: dict, data_dir: str, out: Path, seed: int, epochs: int | None,
+                   image_size: int | None, overrides: dict | None, progress: bool) -> TrainConfig:
+    """The training settings of one recipe on one fold: the recipe, then the run's epochs, size and overrides."""
+    if recipe not in recipes_cfg:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(recipes_cfg)}")
+    params = dict(recipes_cfg[recipe])
+    if epochs is not None and recipe != "frozen_lr":
+        params["epochs"] = epochs
+    if image_size is not None:
+        params["image_size"] = image_size
+    params.update(overrides or {})
+    return TrainConfig(**{**params, "data_dir": str(data_dir), "out": str(out), "loss_plot": "", "seed": seed,
+                          "progress": progress})
+
+
+def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_names: list[str],
+                   test_names: list[str]) -> list[dict]:
+    """Rows for the trained model scored again without flip TTA and in int8; no training time of their own."""
+    attrs, extra = result.meta.attributes, []
+    if tta:  # a free ablation: the same model scored without the flip
+        t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=False)
+        t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
+        extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
+                      **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+    if result.meta.int8:  # the same model in int8 (CPU inference), thresholds tuned in int8 too
+        int8_model = Predictor(result.checkpoint, device="cpu", precision="int8")
+        t_val, p_val, _, _ = score_folder(int8_model, data_dir, names=val_names)
+        t_te, p_te, _, _ = score_folder(int8_model, data_dir, names=test_names)
+        extra.append({"recipe": f"{recipe} in int8", "fold": k, "minutes": 0.0,
+                      **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+    return extra
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:

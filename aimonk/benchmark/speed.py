@@ -5,10 +5,10 @@
 
 Both loops see the same images for the same number of epochs:
 
-- original: a Dataset that PIL-decodes every image on every epoch through torchvision transforms
-  (``Resize((S, S))``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``), fp32 NCHW,
-  ``num_workers=0``, ``torch.optim.Adam`` with its default per-parameter loop, masked BCE.
-  Inference decodes with PIL the same way and runs fp32 NCHW.
+- original (``aimonk.benchmark.original``): a Dataset that PIL-decodes every image on every epoch
+  through torchvision transforms (``Resize((S, S))``, ``RandomHorizontalFlip``, ``ToTensor``,
+  ``Normalize``), fp32 NCHW, ``num_workers=0``, ``torch.optim.Adam`` with its default
+  per-parameter loop, masked BCE. Inference decodes with PIL the same way and runs fp32 NCHW.
 - project: ``DecodedCache`` (built from a cold, temporary cache folder inside the first epoch,
   file hashing included) + ``ImageDataset`` + ``train_one_epoch`` with
   ``resolve_precision("auto")``, channels_last and ``make_optimizer`` (fused Adam). Inference is
@@ -19,305 +19,79 @@ Both loops see the same images for the same number of epochs:
 
 The two loops take turns (batch by batch, inference chunk by chunk, call by call) so that a load
 change on a shared machine hits both alike: the ratios are the figures to trust, not the absolute
-img/s. FLOPs are counted by ``torch.utils.flop_counter`` at 2 FLOP per multiply-add (ResNet18 at
-224 px: 3.63 GFLOP, i.e. the usual "1.82 GFLOPs" multiply-adds), a training step as 3 forward
-passes. The reference peak is the best of a few large bf16 matmuls (2 n^3 FLOP each) measured
-here, not a datasheet figure.
+img/s. FLOPs are counted by ``torch.utils.flop_counter`` at 2 FLOP per multiply-add (twice the
+multiply-add count that model cards quote), a training step as 3 forward passes. The reference
+peak is the best of a few large bf16 matmuls (2 n^3 FLOP each) measured here, not a datasheet
+figure. A run's figures are in its JSON and table under ``reports/benchmarks/``.
 
-``--tune`` runs the tuning experiments instead: DataLoader workers / pinning / persistent
-workers on the cached loader, precision x memory format for the backbone, the Adam kernel,
-BatchNorm folding, and with ``--compile`` also ``torch.compile`` (``--experiments`` picks some).
-Other jobs on the machine shrink the ratios (OpenMP threads wait for cores, and the faster loop
-loses more): compare ratios within one run and note the load average it prints.
+``--tune`` runs the tuning experiments of ``aimonk.benchmark.tune`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
-import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
-from aimonk import config, int8
+from aimonk import int8
+from aimonk.benchmark.measure import (
+    PeakRSS,
+    current_rss,
+    forward_flops,
+    load_average,
+    measure_peak_flops,
+    process_peak_rss,
+    rate,
+    sync,
+    timed,
+)
+from aimonk.benchmark.original import (
+    OriginalDataset,
+    original_infer,
+    original_predict_one,
+    original_train_step,
+    original_transform,
+)
 from aimonk.benchmark.report import run_info
+from aimonk.benchmark.tune import TUNING_EXPERIMENTS, tune
+from aimonk.benchmark.workload import SpeedConfig, drop_lone_last, load_images
 from aimonk.cache import DecodedCache
 from aimonk.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, update_checkpoint
-from aimonk.data import ImageDataset, file_digest, index_dataset
-from aimonk.inference import fold_batchnorm, infer_probabilities
+from aimonk.data import ImageDataset, file_digest
+from aimonk.inference import infer_probabilities
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
-from aimonk.model import BACKBONES, build_model
+from aimonk.model import BACKBONES, BackboneSpec, build_model
 from aimonk.predict import Predictor
 from aimonk.runtime import resolve_precision, select_device, set_seed
 from aimonk.train import train_one_epoch, train_transform
 from aimonk.train.loop import make_optimizer
 
-TUNING_EXPERIMENTS = ("loader", "precision", "optimizer", "fold", "compile")
 INT8_KEYS = ("infer", "infer_model_only", "latency_ms")  # what is measured again with the int8 model
 TRAIN_STEP_FORWARDS = 3  # a training step costs about three forward passes (forward, input grads, weight grads)
-
-
-@dataclass
-class SpeedConfig:
-    """What the speed benchmark runs; the CLI flags fill it."""
-
-    data_dir: str  # folder with labels.txt and images/
-    epochs: int = 3  # training epochs for each loop (>= 2 gives a steady state)
-    image_size: int = 224  # images are resized to image_size x image_size
-    batch_size: int = 16  # training batch size, both loops
-    backbone: str = "resnet18"  # "resnet18" or "efficientnet_lite0"
-    limit: int = 0  # use this many images, evenly spaced over labels.txt (0 = all)
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    precision: str = "auto"  # the project loop's precision ("auto" = per backbone and device)
-    channels_last: bool = True  # the project loop's memory format
-    num_workers: int = 0  # the project loop's DataLoader workers
-    infer_batch_size: int = 32  # batch size of batched inference, both loops
-    latency_calls: int = 20  # single-image predictions timed for the latency median
-    peak_size: int = 4096  # side of the square bf16 matmul that measures the reference peak
-    seed: int = 0  # model initialisation and shuffling
-    tune_images: int = 128  # tuning: images per tuning epoch
-    tune_rounds: int = 3  # tuning: rounds of every variant (medians over rounds)
-    experiments: str = "loader,precision,optimizer,fold"  # tuning: which experiments, comma-separated
-    compile: bool = False  # tuning: also measure torch.compile
-    int8: bool = True  # also compare inference with the project's model in int8 (CPU, backbones with cpu_int8)
-
-
-# --------------------------------------------------------------------------- measuring helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _current_rss() -> int | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        try:
-            pages = int(Path("/proc/self/statm").read_text().split()[1])
-            return pages * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (runnable processes), to say how busy the machine was."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def process_peak_rss() -> int:
-    """The process's lifetime peak resident memory in bytes (``getrusage``)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux ``VmHWM``) to the current RSS; False where that is impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-class PeakRSS:
-    """The peak resident memory of each labelled phase: ``with monitor.phase("original"): ...``.
-
-    On Linux it reads the kernel's high-water mark, reset at the start of every phase, so the peak
-    is exact and costs nothing while the phase runs. Elsewhere it falls back to the RSS at the
-    phase edges (a lower bound). There is deliberately no sampling thread: one waking every 10 ms
-    made the bf16 training step twice as slow on the shared 2-core machine.
-    """
-
-    def __init__(self):
-        self.peaks: dict[str, int] = {}
-        self.exact = _reset_peak_rss() and _peak_rss_since_reset() is not None
-
-    @contextmanager
-    def phase(self, label: str):
-        start = _reset_peak_rss() if self.exact else _current_rss()
-        try:
-            yield
-        finally:
-            peak = _peak_rss_since_reset() if self.exact else max(start or 0, _current_rss() or 0)
-            self.peaks[label] = max(self.peaks.get(label, 0), peak or 0)
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 4096,
-                       repeats: int = 3) -> float:
-    """Best FLOP/s of ``repeats`` n x n matmuls in ``dtype`` (2 n^3 FLOP each), after one warm-up.
-
-    The best rather than the median, because on a shared machine the fastest run is the one least
-    disturbed by other work.
-    """
-    g = torch.Generator(device="cpu").manual_seed(0)
-    if dtype == torch.int8:  # int8 x int8 -> int32, the VNNI path int8 convolutions use
-        a = torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8).to(device)
-        b = torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8).to(device)
-        matmul = torch._int_mm
-    else:
-        a = torch.randn(n, n, generator=g).to(device, dtype)
-        b = torch.randn(n, n, generator=g).to(device, dtype)
-        matmul = torch.matmul
-    matmul(a, b)
-    _sync(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def forward_flops(backbone: str, num_attributes: int, image_size: int) -> float:
-    """FLOPs of one forward pass on one image (2 FLOP per multiply-add), counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(backbone, num_attributes, weights="none").eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, image_size, image_size))
-    return float(counter.get_total_flops())
-
-
-# --------------------------------------------------------------------------- the original loop
-
-
-def original_transform(image_size: int, train: bool, mean=config.IMAGENET_MEAN, std=config.IMAGENET_STD):
-    """The original solution's torchvision preprocessing, on full-resolution PIL images."""
-    from torchvision import transforms as T
-
-    steps = [T.Resize((image_size, image_size))]
-    if train:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
-
-
-class OriginalDataset(Dataset):
-    """The original-style dataset: opens and decodes the JPEG with PIL on every access."""
-
-    def __init__(self, paths: Sequence[Path], targets: np.ndarray, transform):
-        self.paths = list(paths)
-        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as img:
-            x = self.transform(img.convert("RGB"))  # (3, S, S) float32, normalised
-        return x, self.targets[i]
-
-
-def original_train_step(model: nn.Module, batch, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                        device: torch.device) -> float:
-    """One fp32 NCHW optimisation step, the way the original solution trains (``model.train()`` is the caller's).
-
-    Returns:
-        The loss.
-    """
-    x, y = batch[0].to(device), batch[1].to(device)  # (B, 3, S, S), (B, n_attributes)
-    logits = model(x)  # (B, n_attributes)
-    loss = criterion(logits, y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-@torch.no_grad()
-def original_infer(model: nn.Module, paths: Sequence[Path], transform, device: torch.device,
-                   batch_size: int) -> np.ndarray:
-    """Probabilities the original way: PIL decode per image, fp32 NCHW batches (N, n_attributes)."""
-    model.eval()
-    ds = OriginalDataset(paths, np.zeros((len(paths), 1)), transform)
-    out = [torch.sigmoid(model(x.to(device))).cpu() for x, _ in DataLoader(ds, batch_size=batch_size)]
-    return torch.cat(out).numpy()
+RATIO_KEYS = ("train_first", "train_steady", "infer", "infer_model_only", "latency_ms", "peak_rss_mb",
+              "peak_rss_above_baseline_mb", *(f"{key}_int8" for key in INT8_KEYS))
 
 
 # --------------------------------------------------------------------------- the comparison
 
 
-def _select(n: int, limit: int) -> np.ndarray:
-    """``limit`` row indices spread evenly over ``n`` rows (all rows if ``limit`` is 0 or too big)."""
-    if not limit or limit >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
-
-
-def _int8_applies(cfg: SpeedConfig, device: torch.device) -> bool:
-    """Whether the run also measures the project's model in int8."""
-    return cfg.int8 and device.type == "cpu" and int8.unsupported(cfg.backbone) is None
-
-
-def _loader_kw(num_workers: int, device: torch.device) -> dict:
-    return dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-
-
-def _drop_last(n: int, batch_size: int) -> bool:
-    return n % batch_size == 1  # a lone last image breaks BatchNorm in train mode
-
-
-def _rate(images: int, seconds: float) -> float:
-    return images / seconds if seconds > 0 else float("nan")
-
-
-def _timed(fn: Callable, device: torch.device):
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t0
-
-
-def _load_data(cfg: SpeedConfig):
-    """The benchmark's images and targets, with every file read once so both loops find it in the OS cache."""
-    index = index_dataset(cfg.data_dir, warn=False)
-    rows = _select(len(index.paths), cfg.limit)
-    paths = [index.paths[i] for i in rows]
-    for p in paths:
-        p.read_bytes()
-    return index, paths, index.table.targets[rows]
-
-
 def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
     """Run the original and the project's loop on the same images, taking turns, and collect the figures.
+
+    Args:
+        cfg: the run's settings.
+        log: where progress lines go.
 
     Returns:
         A dict with ``original`` and ``project`` figures (img/s, ms, bytes, shares), their
@@ -326,29 +100,53 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, cfg.backbone)
     spec = BACKBONES[cfg.backbone]
-    index, paths, targets = _load_data(cfg)
-    n_attr = targets.shape[1]
+    _, paths, targets = load_images(cfg)
     log(f"speed: {len(paths)} images from {cfg.data_dir}, {cfg.image_size} px, batch {cfg.batch_size}, "
         f"{cfg.backbone}, {cfg.epochs} epochs, device {device} ({torch.get_num_threads()} threads); "
         f"project precision {precision}, channels_last={cfg.channels_last}")
 
-    load_before = _load_average()
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    if _int8_applies(cfg, device):
-        dtypes["int8"] = torch.int8
+    load_before = load_average()
+    dtypes = _peak_dtypes(cfg, device)
     peak = {key: measure_peak_flops(device, dtype, cfg.peak_size) for key, dtype in dtypes.items()}
-    flops = forward_flops(cfg.backbone, n_attr, cfg.image_size)
+    flops = forward_flops(cfg.backbone, targets.shape[1], cfg.image_size)
     log(f"reference peak (best {cfg.peak_size}x{cfg.peak_size} matmul): "
         + ", ".join(f"{key} {value / 1e9:.0f} G{'OP' if key == 'int8' else 'FLOP'}/s" for key, value in peak.items())
         + f"; {cfg.backbone} forward {flops / 1e9:.2f} GFLOP per image")
 
-    baseline = _current_rss() or 0  # torch and the libraries, before either loop holds anything
+    baseline = current_rss() or 0  # torch and the libraries, before either loop holds anything
     rss = PeakRSS()
     with tempfile.TemporaryDirectory(prefix="aimonk-speed-") as tmp:
         res = _compare_loops(cfg, device, precision, spec, paths, targets, rss, Path(tmp), log)
     # The peak again at the end; the better of the two is the one least disturbed by other work.
     for key, dtype in dtypes.items():
         peak[key] = max(peak[key], measure_peak_flops(device, dtype, cfg.peak_size))
+    _add_memory_and_shares(res, rss, baseline, flops, peak)
+    return {
+        "config": asdict(cfg), "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
+        "n_images": len(res["project"]["ok"]), "peak_flops": peak, "forward_flops": flops,
+        "process_peak_rss_mb": process_peak_rss() / 2**20, "baseline_rss_mb": baseline / 2**20,
+        "load_average": [load_before, load_average()], "exact_peak_rss": rss.exact,
+        "original": {k: v for k, v in res["original"].items()},
+        "project": {k: v for k, v in res["project"].items() if k != "ok"},
+        "ratios": {k: res["project"][k] / res["original"][k] for k in RATIO_KEYS if res["original"].get(k)},
+    }
+
+
+def _int8_applies(cfg: SpeedConfig, device: torch.device) -> bool:
+    """Whether the run also measures the project's model in int8."""
+    return cfg.int8 and device.type == "cpu" and int8.unsupported(cfg.backbone) is None
+
+
+def _peak_dtypes(cfg: SpeedConfig, device: torch.device) -> dict[str, torch.dtype]:
+    """The matmul dtypes whose peak the run measures, by report key."""
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if _int8_applies(cfg, device):
+        dtypes["int8"] = torch.int8
+    return dtypes
+
+
+def _add_memory_and_shares(res: dict, rss: PeakRSS, baseline: int, flops: float, peak: dict[str, float]) -> None:
+    """Add each loop's peak RSS and its throughputs as shares of the reference peaks to its figures."""
     for loop in ("original", "project"):
         r = res[loop]
         r["peak_rss_mb"] = rss.peaks.get(loop, 0) / 2**20
@@ -360,165 +158,213 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         p = res["project"]
         p["infer_int8_share_int8_peak"] = p["infer_int8"] * flops / peak["int8"]
         p["infer_model_only_int8_share_int8_peak"] = p["infer_model_only_int8"] * flops / peak["int8"]
-    ratios = {k: res["project"][k] / res["original"][k]
-              for k in ("train_first", "train_steady", "infer", "infer_model_only", "latency_ms", "peak_rss_mb",
-                        "peak_rss_above_baseline_mb", *(f"{key}_int8" for key in INT8_KEYS))
-              if res["original"].get(k)}
-    return {
-        "config": asdict(cfg), "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
-        "n_images": len(res["project"]["ok"]), "peak_flops": peak, "forward_flops": flops,
-        "process_peak_rss_mb": process_peak_rss() / 2**20, "baseline_rss_mb": baseline / 2**20,
-        "load_average": [load_before, _load_average()], "exact_peak_rss": rss.exact,
-        "original": {k: v for k, v in res["original"].items()},
-        "project": {k: v for k, v in res["project"].items() if k != "ok"},
-        "ratios": ratios,
-    }
 
 
-def _compare_loops(cfg, device, precision, spec, paths, targets, rss: PeakRSS, tmp: Path, log) -> dict:
-    n_attr = targets.shape[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a small --limit may leave an attribute without positives
-        pos_weight = compute_pos_weight(targets)
+def _compare_loops(cfg: SpeedConfig, device: torch.device, precision: str, spec: BackboneSpec, paths: list[Path],
+                   targets, rss: PeakRSS, tmp: Path, log: Callable[[str], None]) -> dict:
+    """Both loops on the same images, in turns: training, batched inference, latency, then the project in int8.
 
-    def new_model(channels_last: bool) -> nn.Module:
-        set_seed(cfg.seed)
-        m = build_model(cfg.backbone, n_attr, weights="none").to(device)
-        return m.to(memory_format=torch.channels_last) if channels_last else m
-
-    orig_model = new_model(False)
-    orig_opt = torch.optim.Adam(orig_model.parameters(), lr=1e-4)
-    proj_model = new_model(cfg.channels_last)
-    proj_opt = make_optimizer(proj_model.parameters(), "adam", 1e-4, 0.0, device)
-    criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)
-    orig_tf = original_transform(cfg.image_size, True, spec.mean, spec.std)
-
-    orig = {"epoch_seconds": []}
-    proj = {"epoch_seconds": []}
-    cache = train_set = None
-    ok = list(range(len(paths)))
-    for epoch in range(cfg.epochs):
-        # The loops take turns batch by batch, so a load change on the machine hits both alike.
-        gen = lambda: torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # noqa: E731
-        with rss.phase("project"):
-            _sync(device)
-            t0 = time.perf_counter()
-            if epoch == 0:  # cold cache: hashing and decoding count against the first epoch
-                digests = [file_digest(p) for p in paths]
-                cache = DecodedCache(paths, cfg.image_size, tmp / "cache", digests=digests, progress=False)
-                proj["cache_seconds"] = time.perf_counter() - t0
-                ok = cache.ok
-                train_set = ImageDataset(Subset(cache, ok), targets[ok], train_transform("flip", cfg.image_size))
-            proj_batches = iter(DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen(),
-                                           drop_last=_drop_last(len(ok), cfg.batch_size),
-                                           **_loader_kw(cfg.num_workers, device)))
-            t_proj = time.perf_counter() - t0
-        with rss.phase("original"):
-            t0 = time.perf_counter()
-            orig_loader = DataLoader(OriginalDataset([paths[i] for i in ok], targets[ok], orig_tf),
-                                     batch_size=cfg.batch_size, shuffle=True, generator=gen(),
-                                     drop_last=_drop_last(len(ok), cfg.batch_size), num_workers=0)
-            orig_batches = iter(orig_loader)
-            orig_model.train()
-            t_orig = time.perf_counter() - t0
-        for _ in range(len(orig_loader)):
-            with rss.phase("project"):  # train_one_epoch over a one-batch loader: the project's own step
-                t_proj += _timed(lambda: train_one_epoch(proj_model, [next(proj_batches)], criterion, proj_opt, device,
-                                                         precision, cfg.channels_last, spec.mean, spec.std,
-                                                         progress=False), device)[1]
-            with rss.phase("original"):  # fetching the batch (PIL decoding) is inside the timing
-                t_orig += _timed(lambda: original_train_step(orig_model, next(orig_batches), criterion, orig_opt,
-                                                             device), device)[1]
-        proj["epoch_seconds"].append(t_proj)
-        orig["epoch_seconds"].append(t_orig)
-        log(f"  epoch {epoch + 1}: original {_rate(len(ok), t_orig):.1f} img/s, project {_rate(len(ok), t_proj):.1f} img/s")
-    for r in (orig, proj):
-        rates = [_rate(len(ok), s) for s in r["epoch_seconds"]]
-        r["train_first"] = rates[0]
-        r["train_steady"] = statistics.median(rates[1:]) if len(rates) > 1 else float("nan")
-    proj["cache_mb"] = sum(f.stat().st_size for f in (tmp / "cache").rglob("*.npy")) / 2**20
-    proj["ok"] = ok
-
+    Returns:
+        ``{"original": figures, "project": figures}``; the project's figures hold ``ok``, the rows
+        its cache could decode.
+    """
+    c = _Comparison(cfg, device, precision, spec, rss, log)
+    orig_model, proj_model, cache, ok = c.train(paths, targets, tmp)
     ok_paths = [paths[i] for i in ok]
-    ckpt = save_checkpoint(tmp / "model.pth", proj_model, CheckpointMeta(
-        backbone=cfg.backbone, attributes=[f"Attr{j + 1}" for j in range(n_attr)], image_size=cfg.image_size,
-        mean=list(spec.mean), std=list(spec.std), thresholds=[0.5] * n_attr))
+    ckpt = _save_project_model(proj_model, cfg, spec, targets.shape[1], tmp / "model.pth")
     with rss.phase("project"):
         predictor = Predictor(ckpt, device=str(device), precision=cfg.precision)
-    _compare_inference(cfg, device, predictor, orig_model, spec, ok_paths, cache, ok, targets, rss, orig, proj)
-    _compare_latency(cfg, device, predictor, orig_model, spec, ok_paths[0], rss, orig, proj)
+    c.inference(predictor, orig_model, ok_paths, cache, ok, targets, c.orig, c.proj)
+    c.latency(predictor, orig_model, ok_paths[0], c.orig, c.proj)
     if _int8_applies(cfg, device) and predictor.precision != "int8":
-        # The same trained model in int8, calibrated on the training images as training does, compared
-        # in turns with the original loop again.
-        with rss.phase("project"):
+        c.in_int8(ckpt, orig_model, ok_paths, cache, ok, targets)
+    return {"original": c.orig, "project": c.proj}
+
+
+def _save_project_model(model: nn.Module, cfg: SpeedConfig, spec: BackboneSpec, n_attr: int, path: Path) -> Path:
+    """The project loop's trained model as a checkpoint, for ``Predictor`` to load as a user would."""
+    return save_checkpoint(path, model, CheckpointMeta(
+        backbone=cfg.backbone, attributes=[f"Attr{j + 1}" for j in range(n_attr)], image_size=cfg.image_size,
+        mean=list(spec.mean), std=list(spec.std), thresholds=[0.5] * n_attr))
+
+
+class _Comparison:
+    """The comparison's phases in turns, sharing the settings, the RSS monitor and each loop's figures."""
+
+    def __init__(self, cfg: SpeedConfig, device: torch.device, precision: str, spec: BackboneSpec, rss: PeakRSS,
+                 log: Callable[[str], None]):
+        self.cfg, self.device, self.spec, self.rss, self.log = cfg, device, spec, rss, log
+        self.precision = precision  # the project loop's training precision
+        self.orig: dict = {"epoch_seconds": []}  # the original loop's figures
+        self.proj: dict = {"epoch_seconds": []}  # the project loop's figures
+
+    def new_model(self, n_attr: int, channels_last: bool) -> nn.Module:
+        set_seed(self.cfg.seed)
+        m = build_model(self.cfg.backbone, n_attr, weights="none").to(self.device)
+        return m.to(memory_format=torch.channels_last) if channels_last else m
+
+    def train(self, paths: list[Path], targets, tmp: Path):
+        """Training epochs, the loops taking turns batch by batch; the project's first epoch fills a cold cache.
+
+        Returns:
+            ``(original model, project model, cache, ok)``, ``ok`` being the rows the cache could decode.
+        """
+        orig_model, orig_step, proj_model, proj_step = self._training_setup(targets)
+        orig_tf = original_transform(self.cfg.image_size, True, self.spec.mean, self.spec.std)
+        cache = train_set = None
+        ok = list(range(len(paths)))
+        for epoch in range(self.cfg.epochs):
+            # The loops take turns batch by batch, so a load change on the machine hits both alike.
+            gen = lambda: torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)  # noqa: E731
+            with self.rss.phase("project"):
+                sync(self.device)
+                t0 = time.perf_counter()
+                if epoch == 0:  # cold cache: hashing and decoding count against the first epoch
+                    cache, train_set = self._fill_cache(paths, targets, tmp / "cache", t0)
+                    ok = cache.ok
+                proj_batches = iter(DataLoader(train_set, batch_size=self.cfg.batch_size, shuffle=True,
+                                               generator=gen(), drop_last=drop_lone_last(len(ok), self.cfg.batch_size),
+                                               **_loader_kw(self.cfg.num_workers, self.device)))
+                t_proj = time.perf_counter() - t0
+            with self.rss.phase("original"):
+                t0 = time.perf_counter()
+                orig_loader = DataLoader(OriginalDataset([paths[i] for i in ok], targets[ok], orig_tf),
+                                         batch_size=self.cfg.batch_size, shuffle=True, generator=gen(),
+                                         drop_last=drop_lone_last(len(ok), self.cfg.batch_size), num_workers=0)
+                orig_batches = iter(orig_loader)
+                orig_model.train()
+                t_orig = time.perf_counter() - t0
+            t_orig, t_proj = self._batches_in_turns(len(orig_loader), orig_step, orig_batches, proj_step, proj_batches,
+                                                    t_orig, t_proj)
+            self.proj["epoch_seconds"].append(t_proj)
+            self.orig["epoch_seconds"].append(t_orig)
+            self.log(f"  epoch {epoch + 1}: original {rate(len(ok), t_orig):.1f} img/s, "
+                     f"project {rate(len(ok), t_proj):.1f} img/s")
+        for figures in (self.orig, self.proj):
+            _add_training_rates(figures, len(ok))
+        self.proj["cache_mb"] = sum(f.stat().st_size for f in (tmp / "cache").rglob("*.npy")) / 2**20
+        self.proj["ok"] = ok
+        return orig_model, proj_model, cache, ok
+
+    def _training_setup(self, targets):
+        """Both loops' models, each with its own training step: ``(orig_model, orig_step, proj_model, proj_step)``."""
+        cfg, device, spec, precision = self.cfg, self.device, self.spec, self.precision
+        n_attr = targets.shape[1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a small --limit may leave an attribute without positives
+            pos_weight = compute_pos_weight(targets)
+        orig_model = self.new_model(n_attr, False)
+        orig_opt = torch.optim.Adam(orig_model.parameters(), lr=1e-4)
+        proj_model = self.new_model(n_attr, cfg.channels_last)
+        proj_opt = make_optimizer(proj_model.parameters(), "adam", 1e-4, 0.0, device)
+        criterion = MaskedBCEWithLogitsLoss(pos_weight).to(device)
+
+        def orig_step(batch):
+            return original_train_step(orig_model, batch, criterion, orig_opt, device)
+
+        def proj_step(batch):  # train_one_epoch over a one-batch loader: the project's own step
+            return train_one_epoch(proj_model, [batch], criterion, proj_opt, device, precision, cfg.channels_last,
+                                   spec.mean, spec.std, progress=False)
+
+        return orig_model, orig_step, proj_model, proj_step
+
+    def _fill_cache(self, paths: list[Path], targets, folder: Path, t0: float):
+        """Hash and decode every image into a cold cache; ``(cache, augmented training set)``."""
+        digests = [file_digest(p) for p in paths]
+        cache = DecodedCache(paths, self.cfg.image_size, folder, digests=digests, progress=False)
+        self.proj["cache_seconds"] = time.perf_counter() - t0
+        ok = cache.ok
+        return cache, ImageDataset(Subset(cache, ok), targets[ok], train_transform("flip", self.cfg.image_size))
+
+    def _batches_in_turns(self, n_batches: int, orig_step, orig_batches, proj_step, proj_batches,
+                          t_orig: float, t_proj: float) -> tuple[float, float]:
+        """One epoch's batches, the project's step then the original's; the seconds added to each loop's."""
+        for _ in range(n_batches):
+            with self.rss.phase("project"):
+                t_proj += timed(lambda: proj_step(next(proj_batches)), self.device)[1]
+            with self.rss.phase("original"):  # fetching the batch (PIL decoding) is inside the timing
+                t_orig += timed(lambda: orig_step(next(orig_batches)), self.device)[1]
+        return t_orig, t_proj
+
+    def inference(self, predictor: Predictor, orig_model: nn.Module, paths: list[Path], cache, ok, targets,
+                  orig: dict, proj: dict) -> None:
+        """Batched inference from image files, chunk by chunk in turns; then model-only from decoded tensors.
+
+        The figures go into ``orig`` and ``proj`` (the int8 pass collects its own, then renames them).
+        """
+        device, spec, bs = self.device, self.spec, self.cfg.infer_batch_size
+        tf = original_transform(self.cfg.image_size, False, spec.mean, spec.std)
+        predictor.predict_many(paths[:bs], batch_size=bs)  # warm-up, untimed
+        original_infer(orig_model, paths[:bs], tf, device, bs)
+        step = 2 * bs
+        t_orig = t_proj = 0.0
+        for start in range(0, len(paths), step):
+            chunk = paths[start:start + step]
+            with self.rss.phase("project"):
+                t_proj += timed(lambda: predictor.predict_many(chunk, batch_size=bs), device)[1]
+            with self.rss.phase("original"):
+                t_orig += timed(lambda: original_infer(orig_model, chunk, tf, device, bs), device)[1]
+        proj["infer"], orig["infer"] = rate(len(paths), t_proj), rate(len(paths), t_orig)
+
+        decoded = ImageDataset(Subset(cache, ok), targets[ok])  # model only: no JPEG decoding on either side
+        t_orig = t_proj = 0.0
+        for start in range(0, len(ok), step):
+            part = Subset(decoded, range(start, min(start + step, len(ok))))
+            with self.rss.phase("project"):
+                t_proj += timed(lambda: infer_probabilities(predictor.model, part, device, predictor.precision,
+                                                            predictor.channels_last, spec.mean, spec.std,
+                                                            batch_size=bs), device)[1]
+            with self.rss.phase("original"):
+                t_orig += timed(lambda: infer_probabilities(orig_model, part, device, "fp32", False, spec.mean,
+                                                            spec.std, batch_size=bs), device)[1]
+        proj["infer_model_only"], orig["infer_model_only"] = rate(len(ok), t_proj), rate(len(ok), t_orig)
+
+    def latency(self, predictor: Predictor, orig_model: nn.Module, path: Path, orig: dict, proj: dict) -> None:
+        """Median single-image latency (decode + forward), model already loaded, calls in turns."""
+        tf = original_transform(self.cfg.image_size, False, self.spec.mean, self.spec.std)
+        orig_model.eval()
+        predictor.predict(path)  # warm-up, untimed
+        original_predict_one(orig_model, path, tf, self.device)
+        t_orig, t_proj = [], []
+        for _ in range(self.cfg.latency_calls):
+            with self.rss.phase("project"):
+                t_proj.append(timed(lambda: predictor.predict(path), self.device)[1])
+            with self.rss.phase("original"):
+                t_orig.append(timed(lambda: original_predict_one(orig_model, path, tf, self.device), self.device)[1])
+        proj["latency_ms"], orig["latency_ms"] = 1e3 * statistics.median(t_proj), 1e3 * statistics.median(t_orig)
+
+    def in_int8(self, ckpt: Path, orig_model: nn.Module, paths: list[Path], cache, ok, targets) -> None:
+        """The same trained model in int8, against the original loop again; figures under ``*_int8`` keys."""
+        # Calibrated on the training images, as training does.
+        with self.rss.phase("project"):
             t0 = time.perf_counter()
             model, _ = load_checkpoint(ckpt)
             plain = ImageDataset(Subset(cache, ok), targets[ok])
-            update_checkpoint(ckpt, int8=int8.calibrate(model, plain, cfg.image_size, spec.mean, spec.std))
-            proj["int8_calibration_seconds"] = time.perf_counter() - t0
+            update_checkpoint(ckpt, int8=int8.calibrate(model, plain, self.cfg.image_size, self.spec.mean,
+                                                        self.spec.std))
+            self.proj["int8_calibration_seconds"] = time.perf_counter() - t0
             predictor = Predictor(ckpt, device="cpu", precision="int8")
         o8, p8 = {}, {}
-        _compare_inference(cfg, device, predictor, orig_model, spec, ok_paths, cache, ok, targets, rss, o8, p8)
-        _compare_latency(cfg, device, predictor, orig_model, spec, ok_paths[0], rss, o8, p8)
+        self.inference(predictor, orig_model, paths, cache, ok, targets, o8, p8)
+        self.latency(predictor, orig_model, paths[0], o8, p8)
         for key in INT8_KEYS:
-            orig[f"{key}_int8"], proj[f"{key}_int8"] = o8[key], p8[key]
-        log(f"  int8: inference from files {p8['infer']:.1f} img/s (original {o8['infer']:.1f}), "
+            self.orig[f"{key}_int8"], self.proj[f"{key}_int8"] = o8[key], p8[key]
+        self.log(f"  int8: inference from files {p8['infer']:.1f} img/s (original {o8['infer']:.1f}), "
             f"model only {p8['infer_model_only']:.1f} img/s")
-    return {"original": orig, "project": proj}
 
 
-def _compare_inference(cfg, device, predictor, orig_model, spec, paths, cache, ok, targets, rss, orig, proj) -> None:
-    """Batched inference from image files, chunk by chunk in turns; then model-only from decoded tensors."""
-    tf = original_transform(cfg.image_size, False, spec.mean, spec.std)
-    bs = cfg.infer_batch_size
-    predictor.predict_many(paths[:bs], batch_size=bs)  # warm-up, untimed
-    original_infer(orig_model, paths[:bs], tf, device, bs)
-    step = 2 * bs
-    t_orig = t_proj = 0.0
-    for start in range(0, len(paths), step):
-        chunk = paths[start:start + step]
-        with rss.phase("project"):
-            t_proj += _timed(lambda: predictor.predict_many(chunk, batch_size=bs), device)[1]
-        with rss.phase("original"):
-            t_orig += _timed(lambda: original_infer(orig_model, chunk, tf, device, bs), device)[1]
-    proj["infer"], orig["infer"] = _rate(len(paths), t_proj), _rate(len(paths), t_orig)
-
-    decoded = ImageDataset(Subset(cache, ok), targets[ok])  # model only: no JPEG decoding on either side
-    t_orig = t_proj = 0.0
-    for start in range(0, len(ok), step):
-        part = Subset(decoded, range(start, min(start + step, len(ok))))
-        with rss.phase("project"):
-            t_proj += _timed(lambda: infer_probabilities(predictor.model, part, device, predictor.precision,
-                                                         predictor.channels_last, spec.mean, spec.std,
-                                                         batch_size=bs), device)[1]
-        with rss.phase("original"):
-            t_orig += _timed(lambda: infer_probabilities(orig_model, part, device, "fp32", False, spec.mean, spec.std,
-                                                         batch_size=bs), device)[1]
-    proj["infer_model_only"], orig["infer_model_only"] = _rate(len(ok), t_proj), _rate(len(ok), t_orig)
+def _loader_kw(num_workers: int, device: torch.device) -> dict:
+    return dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
 
 
-def _compare_latency(cfg, device, predictor, orig_model, spec, path: Path, rss, orig, proj) -> None:
-    """Median single-image latency (decode + forward), model already loaded, calls in turns."""
-    from PIL import Image
+def _add_training_rates(figures: dict, n_images: int) -> None:
+    """First-epoch and steady (median of epochs 2..N) img/s from a loop's ``epoch_seconds``."""
+    rates = [rate(n_images, s) for s in figures["epoch_seconds"]]
+    figures["train_first"] = rates[0]
+    figures["train_steady"] = statistics.median(rates[1:]) if len(rates) > 1 else float("nan")
 
-    tf = original_transform(cfg.image_size, False, spec.mean, spec.std)
 
-    @torch.no_grad()
-    def original_one():
-        with Image.open(path) as img:
-            x = tf(img.convert("RGB"))[None].to(device)  # (1, 3, S, S)
-        return torch.sigmoid(orig_model(x)).cpu()
-
-    orig_model.eval()
-    predictor.predict(path)  # warm-up, untimed
-    original_one()
-    t_orig, t_proj = [], []
-    for _ in range(cfg.latency_calls):
-        with rss.phase("project"):
-            t_proj.append(_timed(lambda: predictor.predict(path), device)[1])
-        with rss.phase("original"):
-            t_orig.append(_timed(original_one, device)[1])
-    proj["latency_ms"], orig["latency_ms"] = 1e3 * statistics.median(t_proj), 1e3 * statistics.median(t_orig)
+# --------------------------------------------------------------------------- the report
 
 
 def _fmt_load(loads) -> str:
@@ -527,6 +373,11 @@ def _fmt_load(loads) -> str:
 
 def format_report(res: dict) -> str:
     """The comparison as a plain-text table with the ratios and the notes needed to read it."""
+    return "\n".join([*_report_table(res), "", *_report_notes(res)])
+
+
+def _report_table(res: dict) -> list[str]:
+    """original | project | project/original, one line per figure."""
     o, p, r = res["original"], res["project"], res["ratios"]
     cfg = res["config"]
     rows = [
@@ -553,9 +404,14 @@ def format_report(res: dict) -> str:
         lines.append(f"{name:{width}}  {fmt.format(o[key]):>9}  {fmt.format(p[key]):>9}  {ratio:>15.2f}x")
     for name, key in [row for row in int8_rows if row[1] in p]:  # the original loop has no int8 figure
         lines.append(f"{name:{width}}  {'-':>9}  {p[key]:>9.1%}")
+    return lines
+
+
+def _report_notes(res: dict) -> list[str]:
+    """The setup and the method, one paragraph per line, below the table."""
+    p, cfg = res["project"], res["config"]
     n, s = res["n_images"], cfg["image_size"]
-    lines += [
-        "",
+    return [
         f"Setup: {n} images, {s} px, batch {cfg['batch_size']}, {cfg['backbone']}, {cfg['epochs']} epochs per loop, "
         f"device {res['device']} ({res['threads']} threads), load average {_fmt_load(res['load_average'])}. "
         "Original: PIL decode every epoch, fp32 NCHW, "
@@ -581,175 +437,6 @@ def format_report(res: dict) -> str:
         "loops' models live in the one process throughout; per-loop peaks are "
         f"{'exact (kernel high-water mark)' if res['exact_peak_rss'] else 'RSS at phase edges (a lower bound)'}.",
     ]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- tuning experiments
-
-
-def _race(runs: dict[str, Callable], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """Call every variant once (first call: warm-up, compilation), then ``rounds`` times in turns.
-
-    Returns:
-        Seconds per call for each variant; element 0 is the first call.
-    """
-    times = {k: [_timed(fn, device)[1]] for k, fn in runs.items()}
-    for _ in range(rounds):
-        for k, fn in runs.items():
-            times[k].append(_timed(fn, device)[1])
-    return times
-
-
-def _steady_rate(times: list[float], images: int) -> float:
-    """img/s from the median of the calls after the first."""
-    return _rate(images, statistics.median(times[1:] or times))
-
-
-def tune(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
-    """Measure the project loop's knobs on cached data, variants taking turns; print and return medians.
-
-    - DataLoader ``num_workers`` 0/1/2, ``persistent_workers`` and (CUDA only) ``pin_memory``;
-      plus the loader alone, to show whether it can be the bottleneck.
-    - precision x memory format for training epochs and batched inference of the backbone.
-    - the Adam kernel (per-parameter loop, foreach, fused).
-    - BatchNorm folding for inference (what ``Predictor`` does).
-    - with ``cfg.compile``: ``torch.compile`` first epoch (compilation included) and steady epochs vs eager.
-    """
-    device = select_device(cfg.device)
-    _, paths, targets = _load_data(cfg)
-    out: dict = {"device": str(device), "threads": torch.get_num_threads(), "backbone": cfg.backbone}
-    with tempfile.TemporaryDirectory(prefix="aimonk-tune-") as tmp:
-        cache = DecodedCache(paths, cfg.image_size, tmp, progress=False)
-        ok = cache.ok[: cfg.tune_images]
-        train_set = ImageDataset(Subset(cache, ok), targets[ok], train_transform("flip", cfg.image_size))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            criterion = MaskedBCEWithLogitsLoss(compute_pos_weight(targets[ok])).to(device)
-        log(f"tune: {len(ok)} cached images at {cfg.image_size} px, batch {cfg.batch_size}, {cfg.backbone}, "
-            f"device {device} ({torch.get_num_threads()} threads); {cfg.tune_rounds} rounds in turns, medians")
-        t = _Tuning(cfg, device, train_set, targets.shape[1], criterion, log)
-        chosen = [e.strip() for e in cfg.experiments.split(",") if e.strip()] + (["compile"] if cfg.compile else [])
-        for name in dict.fromkeys(chosen):
-            if name not in TUNING_EXPERIMENTS:
-                raise ValueError(f"unknown tuning experiment {name!r}; choose from {', '.join(TUNING_EXPERIMENTS)}")
-            out[name] = {"loader": t.loader, "precision": t.precision_and_format, "optimizer": t.optimizer,
-                         "fold": t.fold, "compile": t.compile}[name]()
-    return out
-
-
-class _Tuning:
-    """The tuning experiments, sharing one cached training set."""
-
-    def __init__(self, cfg: SpeedConfig, device, train_set: ImageDataset, n_attr: int, criterion, log):
-        self.cfg, self.device, self.train_set, self.n_attr, self.criterion, self.log = (
-            cfg, device, train_set, n_attr, criterion, log)
-        self.spec = BACKBONES[cfg.backbone]
-        self.precision = resolve_precision(cfg.precision, device, cfg.backbone)
-        self.plain = ImageDataset(train_set.images, train_set.targets.numpy())  # no augmentation, for inference
-        self.loader0 = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False,
-                                  drop_last=_drop_last(len(train_set), cfg.batch_size))
-
-    def model(self, channels_last: bool = True) -> nn.Module:
-        set_seed(self.cfg.seed)
-        m = build_model(self.cfg.backbone, self.n_attr, weights="none").to(self.device)
-        return m.to(memory_format=torch.channels_last) if channels_last else m
-
-    def epoch(self, model, optimizer, loader=None, precision=None, channels_last=True, scaler=None) -> Callable:
-        return lambda: train_one_epoch(model, loader or self.loader0, self.criterion, optimizer, self.device,
-                                       precision or self.precision, channels_last, self.spec.mean, self.spec.std,
-                                       scaler=scaler, progress=False)
-
-    def infer(self, model, precision=None, channels_last=True) -> Callable:
-        return lambda: infer_probabilities(model, self.plain, self.device, precision or self.precision, channels_last,
-                                           self.spec.mean, self.spec.std, batch_size=self.cfg.infer_batch_size)
-
-    def show(self, title: str, rates: dict[str, float]) -> dict[str, float]:
-        base = next(iter(rates.values()))
-        self.log(title)
-        for k, v in rates.items():
-            self.log(f"  {k:44s} {v:8.1f} img/s  {v / base:5.2f}x")
-        return rates
-
-    def loader(self) -> dict:
-        variants = [(0, False, False), (1, False, False), (1, True, False), (2, False, False), (2, True, False)]
-        if self.device.type == "cuda":
-            variants += [(0, False, True), (2, True, True)]
-        model = self.model()
-        opt = make_optimizer(model.parameters(), "adam", 1e-4, 0.0, self.device)
-        runs = {}
-        for w, persistent, pin in variants:
-            loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, num_workers=w,
-                                persistent_workers=persistent, pin_memory=pin,
-                                drop_last=_drop_last(len(self.train_set), self.cfg.batch_size))
-            runs[f"num_workers={w} persistent={persistent} pin_memory={pin}"] = self.epoch(model, opt, loader)
-        runs["loader alone (no model), num_workers=0"] = lambda: sum(len(x) for x, _ in self.loader0)
-        times = _race(runs, self.cfg.tune_rounds, self.device)
-        return self.show("DataLoader (training epochs on the cached uint8 loader, one model):",
-                         {k: _steady_rate(v, len(self.train_set)) for k, v in times.items()})
-
-    def precision_and_format(self) -> dict:
-        combos = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
-        if self.device.type == "cuda":
-            combos.append(("fp16", True))
-        name = {c: f"{c[0]} {'channels_last' if c[1] else 'NCHW'}" for c in combos}
-        models = {c: self.model(c[1]) for c in combos}
-        runs = {}
-        for c in combos:
-            opt = make_optimizer(models[c].parameters(), "adam", 1e-4, 0.0, self.device)
-            scaler = torch.amp.GradScaler("cuda") if c[0] == "fp16" else None
-            runs[("train", c)] = self.epoch(models[c], opt, precision=c[0], channels_last=c[1], scaler=scaler)
-            runs[("infer", c)] = self.infer(models[c], precision=c[0], channels_last=c[1])
-        times = _race(runs, self.cfg.tune_rounds, self.device)
-        res = {name[c]: {"train": _steady_rate(times[("train", c)], len(self.train_set)),
-                         "infer": _steady_rate(times[("infer", c)], len(self.plain))} for c in combos}
-        auto = resolve_precision("auto", self.device, self.cfg.backbone)
-        best = {kind: max(res, key=lambda k: res[k][kind]) for kind in ("train", "infer")}
-        base = res["fp32 NCHW"]
-        self.log(f"precision x memory format ({self.cfg.backbone}; model only, cached inputs):")
-        for k, v in res.items():
-            self.log(f"  {k:20s} train {v['train']:7.1f} img/s ({v['train'] / base['train']:4.2f}x)   "
-                     f"infer {v['infer']:7.1f} img/s ({v['infer'] / base['infer']:4.2f}x)")
-        self.log(f"  fastest: training {best['train']}, inference {best['infer']}; resolve_precision('auto') gives "
-                 f"{auto} (BACKBONES[{self.cfg.backbone!r}].cpu_bf16={self.spec.cpu_bf16})")
-        return {"variants": res, "auto": auto, "fastest_train": best["train"], "fastest_infer": best["infer"],
-                "cpu_bf16_flag": self.spec.cpu_bf16}
-
-    def optimizer(self) -> dict:
-        kinds = {"per-parameter loop (torch's default on CPU)": dict(foreach=False), "foreach": dict(foreach=True),
-                 "fused (make_optimizer)": dict(fused=True)}
-        runs = {}
-        for k, kw in kinds.items():
-            model = self.model()
-            runs[k] = self.epoch(model, torch.optim.Adam(model.parameters(), lr=1e-4, **kw))
-        times = _race(runs, self.cfg.tune_rounds, self.device)
-        return self.show(f"Adam kernel ({self.precision}, channels_last, training epochs):",
-                         {k: _steady_rate(v, len(self.train_set)) for k, v in times.items()})
-
-    def fold(self) -> dict:
-        trained = self.model().eval()
-        folded = copy.deepcopy(trained)
-        n = fold_batchnorm(folded)
-        runs = {"as trained": self.infer(trained),
-                "BatchNorm folded": self.infer(folded.to(memory_format=torch.channels_last))}
-        times = _race(runs, self.cfg.tune_rounds, self.device)
-        return self.show(f"inference ({self.precision}, channels_last, model only), {n} BatchNorms folded "
-                         "as Predictor does:", {k: _steady_rate(v, len(self.plain)) for k, v in times.items()})
-
-    def compile(self) -> dict:
-        loader = DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=False, drop_last=True)
-        models = {"eager": self.model(), "torch.compile": torch.compile(self.model())}
-        runs = {k: self.epoch(m, make_optimizer(m.parameters(), "adam", 1e-4, 0.0, self.device), loader)
-                for k, m in models.items()}
-        times = _race(runs, self.cfg.tune_rounds, self.device)
-        n = len(loader) * self.cfg.batch_size
-        res = {k: {"first_epoch_s": v[0], "steady": _steady_rate(v, n)} for k, v in times.items()}
-        self.log(f"torch.compile ({self.precision}, channels_last, training, {n} images per epoch):")
-        for k, v in res.items():
-            self.log(f"  {k:14s} first epoch {v['first_epoch_s']:7.1f} s   steady {v['steady']:7.1f} img/s")
-        eager, comp = res["eager"], res["torch.compile"]
-        self.log(f"  compiled/eager steady: {comp['steady'] / eager['steady']:.2f}x; the first epoch takes "
-                 f"{comp['first_epoch_s'] - eager['first_epoch_s']:.0f} s longer")
-        return res
 
 
 # --------------------------------------------------------------------------- command line
