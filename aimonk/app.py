@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     mtime = model_path.stat().st_mtime_ns
     try:
         predictor = load_predictor(str(model_path), mtime)
-    except CheckpointError as e:
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:  # said on the page, never a traceback
         st.error(f"Cannot load the model: {e}. Make a new one with {TRAIN_HINT}.")
         st.stop()
     model_info(predictor)

@@ -8,6 +8,7 @@ held in RAM beyond the item being read: memory is O(1) in the dataset size, disk
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ import numpy as np
 
 from aimonk import config
 from aimonk.data import ImageLoadError, decode_uint8, file_digest
+from aimonk.files import atomic_write_bytes
 from aimonk.progress import tqdm
 
 PREPROCESS_VERSION = 1  # bump when decode_uint8 changes
@@ -73,11 +75,9 @@ class DecodedCache:
             arr = decode_uint8(self.paths[i], self.image_size).numpy()
         except ImageLoadError as e:
             return str(e)
-        out = self.files[i]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.stem}.{os.getpid()}.{i}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, out)  # atomic: a reader never sees half an entry
+        buffer = io.BytesIO()
+        np.save(buffer, arr)
+        atomic_write_bytes(self.files[i], buffer.getbuffer())  # a reader never sees half an entry
         return None
 
     @property
@@ -89,5 +89,25 @@ class DecodedCache:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """The decoded image ``i``, uint8 of shape (3, S, S)."""
-        return np.load(self.files[i])
+        """The decoded image ``i``, uint8 of shape (3, S, S).
+
+        Every entry read back is checked; a damaged one (truncated, empty, not an array, another shape
+        or dtype) is decoded again from the image, with a one-line warning, and never used.
+        """
+        try:
+            return self._read(i)
+        except (OSError, ValueError, EOFError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        warnings.warn(f"{self.files[i]}: damaged cache entry of {self.paths[i]} ({reason}); decoded it again "
+                      "from the image", stacklevel=2)
+        error = self._build(i)
+        if error is not None:
+            raise ImageLoadError(error)
+        return self._read(i)
+
+    def _read(self, i: int) -> np.ndarray:
+        arr = np.load(self.files[i], allow_pickle=False)
+        expected = (3, self.image_size, self.image_size)
+        if arr.dtype != np.uint8 or arr.shape != expected:
+            raise ValueError(f"it holds a {arr.dtype} array of shape {arr.shape}, not uint8 {expected}")
+        return arr

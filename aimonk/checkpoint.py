@@ -113,6 +113,12 @@ class CheckpointMeta:
                 yield f"field {name!r} must be a mapping or None, got {type(getattr(self, name)).__name__}"
         if not isinstance(self.tta, bool):
             yield f"field 'tta' must be true or false, got {self.tta!r:.40}"
+        for name in ("config", "history"):
+            if not isinstance(getattr(self, name), dict):
+                yield f"field {name!r} must be a mapping, got {type(getattr(self, name)).__name__}"
+        if self.pos_weight is not None and not (isinstance(self.pos_weight, list) and len(self.pos_weight) == n
+                                                and all(_finite(w) for w in self.pos_weight)):
+            yield f"field 'pos_weight' must be {n} finite numbers or None, got {self.pos_weight!r:.60}"
 
 
 def _finite(x: Any) -> bool:

@@ -12,14 +12,12 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from aimonk import config
+from aimonk.files import atomic_savefig
 
 
 def save(fig: Figure, name: str, folder: str | Path = config.FIGURES_DIR) -> Path:
-    """Save ``fig`` as ``folder/name`` (PNG) and return the path."""
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    """Save ``fig`` as ``folder/name`` (PNG), atomically, and return the path."""
+    return atomic_savefig(fig, Path(folder) / name, dpi=120, bbox_inches="tight")
 
 
 def plot_loss_curve(losses: Sequence[float], steps_per_epoch: int | None = None) -> Figure:

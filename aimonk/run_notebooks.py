@@ -30,6 +30,7 @@ import nbformat
 import papermill
 
 from aimonk import config
+from aimonk.files import atomic_write
 from aimonk.progress import PROGRESS_ENV
 
 NOTEBOOKS_DIR = config.PROJECT_ROOT / "notebooks"
@@ -214,7 +215,8 @@ def tidy_report(path: Path, replacements: Sequence[tuple[str, str]]) -> None:
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = final_streams(cell.outputs)
-    nbformat.write(scrub_paths(nb, replacements), path)
+    with atomic_write(path, "w") as f:
+        nbformat.write(scrub_paths(nb, replacements), f)
 
 
 @contextlib.contextmanager

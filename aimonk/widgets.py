@@ -218,7 +218,7 @@ def upload_panel(model_path: str | os.PathLike | Predictor = config.DEFAULT_MODE
         return UploadPanel(model_path, default_threshold, display_size, max_bytes)
     try:
         predictor = get_predictor(model_path)
-    except CheckpointError as e:
+    except (CheckpointError, OSError, ValueError, RuntimeError) as e:  # said in the panel, never a traceback
         return UploadPanel(None, default_threshold, display_size, max_bytes,
                            error=f"{e}. Train a model first: make reports (or python -m aimonk train --data data/sample).")
     return UploadPanel(predictor, default_threshold, display_size, max_bytes)

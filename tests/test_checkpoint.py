@@ -11,6 +11,7 @@ import torch
 
 import aimonk
 from aimonk import config
+from aimonk.files import WriteError
 from aimonk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_checkpoint
 from aimonk.model import ProbeEnsemble, build_model
 
@@ -167,7 +168,7 @@ def test_a_failed_rename_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path
         raise PermissionError(13, "Permission denied", str(dst))
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(PermissionError):
+    with pytest.raises(WriteError, match=r"model\.pth: cannot write it: permission denied \(EACCES\)$"):
         save_checkpoint(path, fresh_model(1), make_meta())
     monkeypatch.undo()
     assert path.read_bytes() == before

@@ -22,6 +22,7 @@ from aimonk import config, distributed, int8
 from aimonk.cache import DecodedCache
 from aimonk.checkpoint import CheckpointMeta, save_checkpoint
 from aimonk.data import DatasetIndex, ImageDataset, file_digest, index_dataset, make_split, save_split
+from aimonk.files import atomic_savefig
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.metrics import choose_decisions, initial_decisions
 from aimonk.model import BACKBONES, BackboneSpec, backbone_parameters, build_model, head_parameters
@@ -40,7 +41,6 @@ from aimonk.train.loop import (
     validate,
 )
 from aimonk.train.resume import load_state, resume_path, save_state
-
 
 DEFAULT_THRESHOLD = 0.5  # every learnable attribute's threshold when there are no validation images to tune on
 
@@ -375,7 +375,7 @@ def write(run: Run, model: nn.Module, meta: CheckpointMeta, history: dict) -> tu
         resume_path(out).unlink(missing_ok=True)
     if plot is not None:
         fig = plot_loss_curve(history["loss"], run.steps_per_epoch)
-        fig.savefig(plot, dpi=120, bbox_inches="tight")
+        atomic_savefig(fig, plot, dpi=120, bbox_inches="tight")
         plt.close(fig)
     distributed.barrier()  # every process returns once rank 0 has written the checkpoint
     return out, plot
