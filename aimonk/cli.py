@@ -12,6 +12,7 @@ import pandas as pd
 
 from aimonk import config, distributed
 from aimonk.checkpoint import CheckpointMeta
+from aimonk.data import shown
 from aimonk.evaluate import score_folder
 from aimonk.int8 import calibrate_checkpoint
 from aimonk.metrics import attribute_report, report_to_json, summarize
@@ -80,10 +81,20 @@ def decisions_text(meta: CheckpointMeta) -> str:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    """Predict every image given or found in the folders given, each reported on its own.
+
+    A path that cannot be read (not an image, missing, a broken symbolic link, permission denied, a
+    FIFO, a folder that cannot be listed) becomes one error entry (``Image: NAME`` / ``Error: ...``,
+    or ``"error"`` in the JSON) and the others are still predicted.
+
+    Returns:
+        0 when every image was predicted, 1 when at least one could not be (all results are still
+        printed). A failure of the whole run (no model, no images) is an ``error:`` line and 1 too.
+    """
     predictor = Predictor(a.model, precision=a.precision)
     paths = list_images(a.images)
     if not paths:
-        raise ValueError("no images found in " + ", ".join(a.images))
+        raise ValueError("no images found in " + ", ".join(shown(p) for p in a.images))
     results = predictor.predict_many(paths, threshold=a.threshold, batch_size=a.batch_size)
     if a.json:
         print(json.dumps([r.to_dict() for r in results], indent=1))

@@ -15,7 +15,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from aimonk.data import DatasetIndex, ImageLoadError, file_digest, index_dataset, load_image, make_split
+from aimonk.data import (
+    DatasetIndex,
+    ImageLoadError,
+    file_digest,
+    index_dataset,
+    load_image,
+    make_split,
+    read_reason,
+    shown,
+)
 from aimonk.losses import compute_pos_weight
 
 
@@ -32,8 +41,12 @@ def describe_image(path: str | os.PathLike) -> dict:
         ``""`` for a readable image, else the reason (the same check training applies).
     """
     path = Path(path)
-    row = {"name": path.name, "mode": "", "format": "", "width": 0, "height": 0,
-           "bytes": path.stat().st_size, "digest": file_digest(path), "error": ""}
+    row = {"name": path.name, "mode": "", "format": "", "width": 0, "height": 0, "bytes": 0, "digest": "", "error": ""}
+    try:  # the file may have gone or become unreadable since the dataset was indexed
+        row.update(bytes=path.stat().st_size, digest=file_digest(path))
+    except (ImageLoadError, OSError) as e:
+        row["error"] = str(e) if isinstance(e, ImageLoadError) else f"{shown(path)}: cannot read it: {read_reason(e)}"
+        return row
     try:
         with Image.open(path) as img:  # header only: cheap
             row.update(mode=img.mode, format=img.format or "", width=img.width, height=img.height)
@@ -104,7 +117,8 @@ def find_duplicates(index: DatasetIndex, digests: Sequence[str] | None = None) -
     columns = ["group", "name", *attributes, "conflict", "conflicting"]
     by_digest: dict[str, list[int]] = {}
     for i, d in enumerate(digests):
-        by_digest.setdefault(d, []).append(i)
+        if d:  # "" marks a file that could not be read
+            by_digest.setdefault(d, []).append(i)
     rows = []
     groups = [rows_ for rows_ in by_digest.values() if len(rows_) > 1]
     for g, members in enumerate(sorted(groups, key=lambda m: m[0]), start=1):
@@ -166,11 +180,11 @@ class DatasetHealth:
         n_groups = self.duplicates["group"].nunique()
         n_conflict = self.duplicates.loc[self.duplicates["conflict"], "group"].nunique()
         items = {
-            "rows in labels.txt": len(self.index.table) + len(self.index.missing),
-            "images present (labelled)": len(self.index.table),
+            "rows in labels.txt": len(self.index.table) + len(self.index.missing) + len(self.index.unreadable),
+            "images present (labelled)": len(self.index.table) + len(self.index.unreadable),
             "labelled but missing": len(self.index.missing),
             "unlisted images (ignored)": len(self.index.unlisted),
-            "unreadable images (skipped)": len(self.unreadable),
+            "unreadable images (skipped)": len(self.unreadable) + len(self.index.unreadable),
             "usable images": len(self.readable),
             "byte-identical groups": n_groups,
             "... with conflicting labels": n_conflict,

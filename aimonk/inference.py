@@ -18,10 +18,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from aimonk import config, int8
 from aimonk.checkpoint import CheckpointMeta, load_checkpoint
-from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch
+from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch, read_reason, shown
 from aimonk.metrics import apply_decisions
 from aimonk.model import head_module
-from aimonk.runtime import autocast, resolve_precision, select_device
+from aimonk.runtime import autocast, choose_execution, select_device
 
 
 @dataclass
@@ -36,8 +36,8 @@ class PredictionResult:
 
     def __str__(self) -> str:
         if self.error:
-            return f"Image: {self.image}\nError: {self.error}"
-        return f"Image: {self.image}\nAttributes present: {self.present}"
+            return f"Image: {shown(self.image)}\nError: {self.error}"
+        return f"Image: {shown(self.image)}\nAttributes present: {self.present}"
 
     def to_dict(self) -> dict:
         return {"image": self.image, "present": self.present, "probabilities": self.probabilities,
@@ -79,7 +79,8 @@ def infer_probabilities(
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    """Decodes images on the fly for batch prediction; unreadable files yield an error string."""
+    """Decodes images on the fly for batch prediction; an unreadable source (a bad image, a missing,
+    unreadable or non-regular file, a folder) yields an error string instead of raising."""
 
     def __init__(self, sources: Sequence[ImageSource], names: Sequence[str], image_size: int):
         self.sources, self.names, self.image_size = list(sources), list(names), image_size
@@ -91,7 +92,12 @@ class _DecodeDataset(torch.utils.data.Dataset):
         try:
             return decode_uint8(self.sources[i], self.image_size, name=self.names[i]), ""
         except ImageLoadError as e:
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), str(e)
+            return self._blank(), str(e)
+        except OSError as e:  # e.g. the disk failed mid-read: still this image's error, not the run's
+            return self._blank(), f"{shown(self.names[i])}: cannot read it: {read_reason(e)}"
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
 
     def __getitems__(self, indices: list[int]) -> list:
         """A whole batch, decoded by threads (PIL releases the GIL): the cores the model leaves idle
@@ -177,6 +183,9 @@ def int8_problem(meta: CheckpointMeta, device: torch.device) -> str | None:
 
 
 
+INFER_BATCH = 32  # images per batch in predict_many, and the batch precision "auto" is measured at
+
+
 class Predictor:
     """A loaded checkpoint ready to predict: the model is loaded once and reused.
 
@@ -204,8 +213,9 @@ class Predictor:
             self.model = int8.quantize(self.model, self.meta.int8, self.image_size)
             return
         fold_batchnorm(self.model)  # the model is only used for inference from here on
-        self.precision = resolve_precision(precision, self.device, self.meta.backbone)
-        self.channels_last = self.device.type != "mps"
+        execution = choose_execution(precision, self.device, self.meta.backbone, self.device.type != "mps", "infer",
+                                     self.image_size, INFER_BATCH)
+        self.precision, self.channels_last = execution.precision, execution.channels_last
         self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -241,8 +251,16 @@ class Predictor:
         return self._result(name, probs, threshold)
 
     def predict_many(self, sources: Sequence[ImageSource], threshold: float | None = None,
-                     batch_size: int = 32, num_workers: int = 0) -> list[PredictionResult]:
-        """Batch prediction through a DataLoader; an unreadable image gives a result with ``error`` set."""
+                     batch_size: int = INFER_BATCH, num_workers: int = 0) -> list[PredictionResult]:
+        """Batch prediction through a DataLoader; an unreadable image gives a result with ``error`` set.
+
+        Never raises for one source: a file that is missing, a broken symbolic link, unreadable
+        (permission denied), a FIFO or device (refused without blocking), a folder, or not an image
+        gives one result with ``error`` naming it and saying why, and the others are still predicted.
+
+        Returns:
+            One ``PredictionResult`` per source, in order.
+        """
         names = [_name_of(s) for s in sources]
         ds = _DecodeDataset(sources, [str(s) if isinstance(s, (str, os.PathLike)) else n for s, n in zip(sources, names)],
                             self.image_size)
@@ -283,11 +301,24 @@ def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL) -> Predi
 
 
 def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders into the image files they contain (sorted); files are kept as given."""
+    """Expand folders into the image files they contain (sorted); other paths are kept as given.
+
+    Nothing here reads a file, and nothing stops the walk: within a folder, every entry with an image
+    extension that is not a folder is listed (a broken symbolic link or a FIFO too), and a folder or
+    subfolder that cannot be listed (permission denied, a symbolic link loop) is listed itself, so
+    that predicting each one gives an error entry that says why (``Predictor.predict_many``).
+    Symbolic links to folders inside a folder are not followed.
+    """
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in config.IMAGE_EXTENSIONS and q.is_file()))
-        else:
-            out.append(p)
+        out.extend(_walk_images(p) if p.is_dir() else [p])
     return out
+
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """The image files under ``folder`` and the subfolders that could not be listed, sorted together."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, onerror=lambda e: found.append(Path(e.filename))):
+        found.extend(Path(root, f) for f in files if Path(f).suffix.lower() in config.IMAGE_EXTENSIONS)
+    return sorted(found)

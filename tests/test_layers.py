@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "aimonk"
 
 LAYERS = [
-    ["aimonk", "aimonk.config", "aimonk.progress", "aimonk.files"],  # paths, constants, file primitives
+    # paths, constants, file primitives; reading and showing user paths safely
+    ["aimonk", "aimonk.config", "aimonk.progress", "aimonk.files", "aimonk.data.paths"],
     ["aimonk.data.labels", "aimonk.data.images", "aimonk.data.splits", "aimonk.sample"],
     ["aimonk.data.folder"],
     ["aimonk.data"],

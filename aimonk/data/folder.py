@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from aimonk.data.images import ImageLoadError
 from aimonk.data.labels import LabelFileError, LabelTable, parse_labels
+from aimonk.data.paths import open_regular_file, read_reason, shown
 
 
 @dataclass
@@ -22,6 +24,7 @@ class DatasetIndex:
     paths: list[Path]  # image path per row of ``table``
     missing: list[str]  # names in labels.txt with no image file
     unlisted: list[str]  # image files that labels.txt does not mention
+    unreadable: dict[str, str] = field(default_factory=dict)  # labelled name -> why its file cannot be read
 
     @property
     def attributes(self) -> list[str]:
@@ -32,50 +35,86 @@ class DatasetIndex:
 def index_dataset(data_dir: str | os.PathLike, warn: bool = True) -> DatasetIndex:
     """Match ``data_dir/labels.txt`` against ``data_dir/images/``.
 
-    Rows whose image is missing are dropped with one warning listing them. Image files that no
-    row mentions are counted and ignored.
+    Rows whose image is missing are dropped with one warning listing them; rows whose file cannot be
+    read (permission denied, a broken symbolic link, a FIFO or other non-regular file) are dropped
+    with one warning giving each reason. Image files that no row mentions are counted and ignored;
+    subfolders of ``images/`` that cannot be listed are skipped with a warning. Names in warnings are
+    escaped (see ``shown``).
 
     Args:
         data_dir: folder holding ``labels.txt`` and ``images/``.
-        warn: emit the missing-images warning.
+        warn: emit the missing- and unreadable-image warnings.
     Returns:
         A ``DatasetIndex``.
     Raises:
         FileNotFoundError: if the folder, ``labels.txt`` or ``images/`` does not exist.
-        LabelFileError: if labels.txt is malformed, or no row has an image.
+        LabelFileError: if labels.txt is malformed or unreadable, or no row has a readable image.
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data folder not found (expected labels.txt and images/ inside)")
+        raise FileNotFoundError(f"{shown(root)}: data folder not found (expected labels.txt and images/ inside)")
     labels, images = root / "labels.txt", root / "images"
-    if not labels.is_file():
-        raise FileNotFoundError(f"{labels}: labels file not found")
+    if not os.path.lexists(labels):
+        raise FileNotFoundError(f"{shown(labels)}: labels file not found")
     if not images.is_dir():
-        raise FileNotFoundError(f"{images}: images folder not found")
-    table = parse_labels(labels)
-    images_resolved = images.resolve()
-    present, paths, missing = [], [], []
-    for i, name in enumerate(table.names):
-        p = (images / name).resolve()
-        if images_resolved not in p.parents:  # symlink or odd name escaping images/
-            raise LabelFileError(f"{labels} line {table.line_numbers[i]}: {name!r} points outside {images}")
-        if p.is_file():
-            present.append(i)
-            paths.append(images / name)
-        else:
-            missing.append(name)
-    listed = set(table.names)
-    unlisted = sorted(
-        str(p.relative_to(images))
-        for p in images.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and str(p.relative_to(images)) not in listed
-    )
+        raise FileNotFoundError(f"{shown(images)}: images folder not found")
+    table = parse_labels(labels)  # also refuses a labels.txt that is a FIFO, a folder or unreadable
+    present, paths, missing, unreadable = _match_images(table, labels, images)
+    unlisted = _unlisted_images(images, set(table.names), warn)
     if missing and warn:
-        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        warnings.warn(f"{labels}: {len(missing)} labelled image(s) not found in {images}, skipped: {shown}", stacklevel=2)
+        shown_ = ", ".join(shown(n) for n in missing[:20]) + (" ..." if len(missing) > 20 else "")
+        warnings.warn(f"{shown(labels)}: {len(missing)} labelled image(s) not found in {shown(images)}, "
+                      f"skipped: {shown_}", stacklevel=2)
+    if unreadable and warn:
+        reasons = "; ".join(unreadable[n] for n in list(unreadable)[:20]) + (" ..." if len(unreadable) > 20 else "")
+        warnings.warn(f"{shown(labels)}: {len(unreadable)} labelled image(s) cannot be read, skipped: {reasons}",
+                      stacklevel=2)
     if not present:
-        raise LabelFileError(f"{labels}: none of the {len(table)} labelled images exist in {images}")
-    return DatasetIndex(root=root, table=table.subset(present), paths=paths, missing=missing, unlisted=unlisted)
+        if unreadable:
+            raise LabelFileError(f"{shown(labels)}: none of the {len(table)} labelled images in {shown(images)} can "
+                                 f"be read ({len(missing)} missing, {len(unreadable)} unreadable)")
+        raise LabelFileError(f"{shown(labels)}: none of the {len(table)} labelled images exist in {shown(images)}")
+    return DatasetIndex(root=root, table=table.subset(present), paths=paths, missing=missing, unlisted=unlisted,
+                        unreadable=unreadable)
+
+
+def _match_images(table: LabelTable, labels: Path, images: Path):
+    """``(present rows, their paths, missing names, {unreadable name: reason})``; refuses a name that
+    leads outside ``images``. Each present file was opened once (non-blocking) to prove it readable."""
+    images_resolved = Path(os.path.realpath(images))
+    present, paths, missing, unreadable = [], [], [], {}
+    for i, name in enumerate(table.names):
+        p = Path(os.path.realpath(images / name))  # never raises, even on a symbolic link loop
+        if images_resolved not in p.parents:  # symlink or odd name escaping images/
+            raise LabelFileError(f"{shown(labels)} line {table.line_numbers[i]}: {name!r} points outside "
+                                 f"{shown(images)}")
+        if not os.path.lexists(images / name):
+            missing.append(name)
+            continue
+        try:
+            open_regular_file(images / name, ImageLoadError).close()
+        except ImageLoadError as e:
+            unreadable[name] = str(e)
+            continue
+        present.append(i)
+        paths.append(images / name)
+    return present, paths, missing, unreadable
+
+
+def _unlisted_images(images: Path, listed: set[str], warn: bool) -> list[str]:
+    """Files under ``images`` that labels.txt does not name (hidden files aside), sorted; a subfolder
+    that cannot be listed is skipped, with a warning naming it."""
+    found, unlistable = [], []
+    for folder, _, files in os.walk(images, onerror=unlistable.append):
+        for f in files:
+            rel = Path(folder, f).relative_to(images).as_posix()
+            if not f.startswith(".") and rel not in listed and os.path.isfile(os.path.join(folder, f)):
+                found.append(rel)
+    if unlistable and warn:
+        listed_ = "; ".join(f"{shown(e.filename)} ({read_reason(e)})" for e in unlistable[:20])
+        warnings.warn(f"{shown(images)}: {len(unlistable)} subfolder(s) cannot be listed, their files are not "
+                      f"counted: {listed_}", stacklevel=3)
+    return sorted(found)
 
 
 

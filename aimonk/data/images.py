@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import BinaryIO, Sequence, Union
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aimonk import config
+from aimonk.data.paths import open_regular_file, shown
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -56,27 +56,29 @@ def load_image(source: ImageSource, name: str | None = None, draft_size: int | N
     Returns:
         An RGB ``PIL.Image``.
     Raises:
-        ImageLoadError: naming the image, when it is missing, empty, not an image, truncated,
-            or larger than PIL's decompression-bomb limit.
+        ImageLoadError: naming the image (escaped, see ``shown``), when it is missing, a broken
+            symbolic link, unreadable (permission denied), not a regular file (a folder, a FIFO, a
+            device: refused without blocking), empty, not an image, truncated, or larger than PIL's
+            decompression-bomb limit.
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        label = name or "<uploaded bytes>"
+        label = shown(name) if name else "<uploaded bytes>"
         if len(source) == 0:
             raise ImageLoadError(f"{label}: empty file (0 bytes)")
-        fp: object = io.BytesIO(bytes(source))
-    elif isinstance(source, (str, os.PathLike)):
-        label = name or str(source)
-        p = Path(source)
-        if not p.is_file():
-            raise ImageLoadError(f"{label}: no such image file")
-        if p.stat().st_size == 0:
-            raise ImageLoadError(f"{label}: empty file (0 bytes)")
-        fp = p
-    else:
-        label = name or getattr(source, "name", "<file object>")
-        fp = source
+        return _decode(io.BytesIO(bytes(source)), label, draft_size)
+    if isinstance(source, (str, os.PathLike)):
+        label = shown(name or source)
+        with open_regular_file(source, ImageLoadError, label) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageLoadError(f"{label}: empty file (0 bytes)")
+            return _decode(f, label, draft_size)
+    return _decode(source, shown(name or str(getattr(source, "name", "<file object>"))), draft_size)
+
+
+def _decode(fp, label: str, draft_size: int | None) -> Image.Image:
+    """Decode an open image (bytes buffer or file) to RGB; every failure becomes an ``ImageLoadError``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -141,9 +143,13 @@ def normalize_batch(
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, used for duplicate detection and as the cache key."""
+    """sha256 of a file's bytes, used for duplicate detection and as the cache key.
+
+    Raises:
+        ImageLoadError: if ``path`` is not a readable regular file (see ``open_regular_file``).
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path, ImageLoadError) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -11,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from aimonk import config
+from aimonk.data.paths import open_regular_file, shown
 
 NA = -1.0  # how an unknown label is stored in a target array
 
@@ -69,7 +73,17 @@ def _parse_token(token: str) -> float | None:
 
 
 
+def _check_printable(kind: str, name: str, where: str) -> None:
+    """A NUL, a control character (an ANSI escape) or an invisible format character is refused: it
+    cannot name a file safely, and would reach the terminal raw in every later message."""
+    bad = next((c for c in name if not c.isprintable()), None)
+    if bad is not None:
+        what = "a NUL byte" if bad == "\0" else f"the non-printable character {ascii(bad)}"
+        raise LabelFileError(f"{where}: {kind} {name!r} contains {what}; names must be printable text")
+
+
 def _check_name(name: str, where: str) -> None:
+    _check_printable("image name", name, where)
     if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
         raise LabelFileError(f"{where}: image name {name!r} is an absolute path; names must be relative to images/")
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
@@ -92,7 +106,10 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
         A ``LabelTable``.
     Raises:
         LabelFileError: naming the file and line, for a wrong field count, an unknown token,
-            a duplicate or unsafe image name, or a file with no label rows.
+            a duplicate or unsafe image name (absolute, ``..``, a NUL or other non-printable
+            character), names differing only in letter case whose labels conflict, or a file with
+            no label rows; and for a file that is missing, unreadable, not a regular file or not
+            UTF-8. Names differing only in case with the same labels give a warning.
     """
     path = Path(path)
     lines = _read_lines(path)
@@ -105,7 +122,7 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
         fields = raw.split()
         if not fields:
             continue
-        where = f"{path} line {lineno}"
+        where = f"{shown(path)} line {lineno}"
         if not rows and header is None and _is_header(fields):
             header = _check_header(fields[1:], n_labels, where)  # e.g. "image Attr1 Attr2 Attr3 Attr4"
             n_labels = len(header)
@@ -121,22 +138,46 @@ def parse_labels(path: str | os.PathLike, attributes: Sequence[str] | None = Non
         names.append(name)
         rows.append(values)
         line_numbers.append(lineno)
+    _check_case_duplicates(path, names, rows, line_numbers)
     if not rows:
-        raise LabelFileError(f"{path}: no label rows found (expected lines like 'image_0.jpg 1 NA 0 1')")
+        raise LabelFileError(f"{shown(path)}: no label rows found (expected lines like 'image_0.jpg 1 NA 0 1')")
     if attributes is None:
         attributes = header if header is not None else [f"Attr{j + 1}" for j in range(n_labels)]
     return LabelTable(names=names, targets=np.asarray(rows, dtype=np.float32), attributes=list(attributes),
                       source=path, line_numbers=line_numbers)
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def _read_lines(path: Path) -> list[str]:
-    """The file's lines, decoded as UTF-8 (a byte-order mark is dropped)."""
+    """The file's lines, decoded as UTF-8 (a byte-order mark is dropped).
+
+    Lines end at LF, CRLF or CR only, as an editor counts them: ``str.splitlines`` would also break at
+    form feeds, vertical tabs and other separators, and the line numbers in messages would drift."""
+    with open_regular_file(path, LabelFileError, missing="labels file not found") as f:
+        data = f.read()
     try:
-        return path.read_bytes().decode("utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise LabelFileError(f"{path}: labels file not found") from None
+        return _LINE_END.split(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise LabelFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise LabelFileError(f"{shown(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _check_case_duplicates(path: Path, names: list[str], rows: list[list[float]], line_numbers: list[int]) -> None:
+    """Names that differ only in letter case (or Unicode normal form) are one file on a case-insensitive
+    disk (macOS, Windows): a warning when their labels agree, an error when they conflict, since one
+    image would then carry two sets of labels."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = unicodedata.normalize("NFC", name).casefold()
+        j = first.setdefault(key, i)
+        if j == i:
+            continue
+        same = f"{shown(path)} line {line_numbers[i]}: image name {name!r} differs from {names[j]!r} on line " \
+               f"{line_numbers[j]} only in letter case; on a case-insensitive disk they are one file"
+        if rows[i] != rows[j]:
+            raise LabelFileError(f"{same}, and their labels conflict; rename one of the images or fix its labels")
+        warnings.warn(f"{same} (their labels agree)", stacklevel=3)
 
 
 def _typical_label_count(lines: list[str]) -> int:
@@ -156,6 +197,8 @@ def _is_header(fields: list[str]) -> bool:
 
 
 def _check_header(header: list[str], n_labels: int | None, where: str) -> list[str]:
+    for a in header:
+        _check_printable("attribute name", a, where)
     if n_labels is not None and len(header) != n_labels:
         raise LabelFileError(f"{where}: header names {len(header)} attributes, expected {n_labels}")
     twice = sorted({a for a in header if header.count(a) > 1})
