@@ -418,8 +418,8 @@ def test_select_device_prefers_cuda_then_mps_then_cpu():
 def test_precision_choices():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu, "resnet18") == "fp32"
-    assert resolve_precision("auto", cpu, "efficientnet_lite0") == "fp32"
-    assert resolve_precision("auto", cpu, "resnet18") in ("fp32", "bf16")
+    assert resolve_precision("auto", cpu, "efficientnet_lite0", image_size=32, batch_size=2) == "fp32"
+    assert resolve_precision("auto", cpu, "resnet18", image_size=32, batch_size=2) in ("fp32", "bf16")
     with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
         resolve_precision("fp16", cpu, "resnet18")
     with pytest.raises(ValueError, match="precision must be"):

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +73,7 @@ from aimonk.inference import infer_probabilities
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.model import BACKBONES, BackboneSpec, build_model
 from aimonk.predict import Predictor
-from aimonk.runtime import resolve_precision, select_device, set_seed
+from aimonk.runtime import choose_execution, select_device, set_seed
 from aimonk.train import train_one_epoch, train_transform
 from aimonk.train.loop import make_optimizer
 
@@ -98,7 +98,10 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         ``ratios`` (project / original), the reference ``peak_flops`` and the setup.
     """
     device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device, cfg.backbone)
+    # what `aimonk train` would run: precision "auto" is measured, with the memory format
+    execution = choose_execution(cfg.precision, device, cfg.backbone, cfg.channels_last, "train", cfg.image_size,
+                                 cfg.batch_size)
+    precision, cfg = execution.precision, replace(cfg, channels_last=execution.channels_last)
     spec = BACKBONES[cfg.backbone]
     _, paths, targets = load_images(cfg)
     log(f"speed: {len(paths)} images from {cfg.data_dir}, {cfg.image_size} px, batch {cfg.batch_size}, "

@@ -77,7 +77,8 @@ class _Tuning:
         self.cfg, self.device, self.train_set, self.n_attr, self.criterion, self.log = (
             cfg, device, train_set, n_attr, criterion, log)
         self.spec = BACKBONES[cfg.backbone]
-        self.precision = resolve_precision(cfg.precision, device, cfg.backbone)
+        self.precision = resolve_precision(cfg.precision, device, cfg.backbone, image_size=cfg.image_size,
+                                           batch_size=cfg.batch_size)
         self.plain = ImageDataset(train_set.images, train_set.targets.numpy())  # no augmentation, for inference
         self.loader0 = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False,
                                   drop_last=drop_lone_last(len(train_set), cfg.batch_size))

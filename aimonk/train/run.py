@@ -29,7 +29,7 @@ from aimonk.model import BACKBONES, BackboneSpec, backbone_parameters, build_mod
 from aimonk.plots import plot_loss_curve
 from aimonk.probe import fit_probe, linear_probe_head, probe_backbone_list
 from aimonk.progress import tqdm
-from aimonk.runtime import resolve_precision, select_device, set_seed
+from aimonk.runtime import choose_execution, select_device, set_seed
 from aimonk.train.config import TrainConfig
 from aimonk.train.loop import (
     TrainingError,
@@ -64,6 +64,7 @@ class Run:
     cfg: TrainConfig
     device: torch.device
     precision: str  # resolved: fp32, bf16 or fp16
+    channels_last: bool  # resolved memory format
     spec: BackboneSpec
     index: DatasetIndex
     cache: DecodedCache
@@ -172,7 +173,6 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
             check_writable(Path(cfg.loss_plot))
     batch_size = distributed.per_rank_batch(cfg.batch_size)
     set_seed(cfg.seed)
-    precision = resolve_precision(cfg.precision, device, cfg.backbone)
     spec = BACKBONES.get(cfg.backbone)
     if spec is None:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
@@ -188,6 +188,9 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
         raise TrainingError(f"{cfg.data_dir}: {len(train_idx)} training image(s) after the validation split; "
                             "need at least 2 (add images or lower val_fraction)")
     decisions = initial_decisions(train_targets, index.attributes)
+    # after the data checks, so bad data fails at once; measured on rank 0 and shared, so every process runs alike
+    execution = distributed.from_main(lambda: choose_execution(cfg.precision, device, cfg.backbone, cfg.channels_last,
+                                                                "train", cfg.image_size, batch_size))
     if distributed.is_main():
         save_split(out.with_name(config.SPLIT_NAME), [index.table.names[i] for i in train_idx],
                    [index.table.names[i] for i in val_idx], data_dir=str(cfg.data_dir), seed=cfg.seed,
@@ -197,7 +200,7 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
     distributed.check_same((train_names, pos_weight.tolist()), "the training split or pos_weight")
 
     model = build_model(cfg.backbone, len(index.attributes), cfg.weights, cfg.on_missing_weights).to(device)
-    if cfg.channels_last:
+    if execution.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = MaskedBCEWithLogitsLoss(pos_weight, cfg.loss_normalization).to(device)
     train_set = ImageDataset(Subset(cache, train_idx), train_targets, train_transform(cfg.augment, cfg.image_size))
@@ -205,11 +208,11 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
     val_set = ImageDataset(Subset(cache, val_idx), index.table.targets[val_idx])
     if cfg.head_init == "linear_probe" and not (cfg.resume and resume_path(out).is_file()):
         # Every process fits the same head on the same images, so the weights stay identical.
-        linear_probe_head(model, train_plain, device, precision, cfg.channels_last, spec.mean, spec.std)
+        linear_probe_head(model, train_plain, device, execution.precision, execution.channels_last, spec.mean, spec.std)
     groups = [{"params": backbone_parameters(model), "lr": cfg.lr * cfg.backbone_lr_mult},
               {"params": head_parameters(model), "lr": cfg.lr}]
     optimizer = make_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if execution.precision == "fp16" else None
     ema = None if cfg.ema_decay <= 0 else \
         AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
@@ -223,7 +226,8 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
     if distributed.world_size() > 1:
         def reduce_loss(loss, y):  # each process's mean loss, weighted into the global batch's
             return distributed.global_mean_loss(loss, criterion.normalizer(y))
-    return Run(cfg, device, precision, spec, index, cache, train_idx, val_idx, train_set, train_plain, val_set,
+    return Run(cfg, device, execution.precision, execution.channels_last, spec, index, cache, train_idx, val_idx,
+               train_set, train_plain, val_set,
                pos_weight, decisions, model, criterion, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
                scaler, ema, batch_size, drop_last, steps_per_epoch, reduce_loss)
 
@@ -272,7 +276,7 @@ def run_epochs(run: Run) -> tuple[dict, dict | None]:
         history["epoch_loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(time.perf_counter() - t0)
         if len(run.val_set) and main:  # the other processes go on to the next epoch's first gradient exchange
-            ap, _ = validate(scored, run.val_set, run.device, run.precision, cfg.channels_last, run.spec.mean,
+            ap, _ = validate(scored, run.val_set, run.device, run.precision, run.channels_last, run.spec.mean,
                              run.spec.std, cfg.tta)
             history["val_macro_ap"].append(ap)
             if cfg.keep_best and ap > best_ap:
@@ -290,7 +294,7 @@ def _train_epoch(run: Run, trained: nn.Module, loader, epoch: int, state_file: P
     """One epoch of ``train_one_epoch``; a failure says what state was kept for resuming."""
     try:
         return train_one_epoch(trained, loader, run.criterion, run.optimizer, run.device, run.precision,
-                               run.cfg.channels_last, run.spec.mean, run.spec.std, run.scheduler, run.scaler, run.ema,
+                               run.channels_last, run.spec.mean, run.spec.std, run.scheduler, run.scaler, run.ema,
                                epoch, run.cfg.progress, reduce_loss=run.reduce_loss)
     except TrainingError as e:
         kept = (f"the state after epoch {epoch} is kept in {state_file} (resume=True continues from it)"
@@ -315,7 +319,7 @@ def finish(run: Run, history: dict, best_state: dict | None) -> tuple[nn.Module,
         model, probe, val_scores = fit_probe(
             model, run.train_plain, run.val_set, backbone=cfg.backbone, weights=cfg.weights,
             probe_backbones=cfg.probe_backbones, cross_fit=cfg.probe_cross_fit, tta=cfg.tta, seed=cfg.seed,
-            device=run.device, precision=run.precision, channels_last=cfg.channels_last,
+            device=run.device, precision=run.precision, channels_last=run.channels_last,
             val_groups=[run.cache.digests[i] for i in run.val_idx])
     return model.to("cpu").to(memory_format=torch.contiguous_format).eval(), probe, val_scores
 
