@@ -11,8 +11,8 @@ import torch
 
 import aimonk
 from aimonk import config
-from aimonk.files import WriteError
 from aimonk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, update_checkpoint
+from aimonk.files import WriteError
 from aimonk.model import ProbeEnsemble, build_model
 
 ATTRIBUTES = ["blue", "light", "striped", "red_square"]
