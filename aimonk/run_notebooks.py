@@ -236,7 +236,7 @@ def _environ(**values: str) -> Iterator[None]:
 
 def run(notebooks: Sequence[Path], parameters: dict[str, str], output_dir: str | os.PathLike,
         stream: bool = True) -> list[Path]:
-    """Execute ``notebooks`` in order into ``output_dir``, each in its own folder, then tidy them.
+    """Execute ``notebooks`` in order into ``output_dir``, each from its own folder, then tidy the results.
 
     Args:
         notebooks: the notebooks, in the order to run them.
