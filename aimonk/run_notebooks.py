@@ -35,6 +35,9 @@ from aimonk.progress import PROGRESS_ENV
 
 NOTEBOOKS_DIR = config.PROJECT_ROOT / "notebooks"
 BINARY_MIME_PREFIXES = ("image/png", "image/jpeg", "image/gif", "image/webp")  # base64: never scrubbed
+# The kernel's own log (a TCP notice at start, an interrupt at shutdown) is noise in the terminal;
+# cells' output and errors come back through papermill, and a dead kernel still raises.
+KERNEL_QUIET = "--IPKernelApp.log_level=CRITICAL"
 _TERMINAL_TOKENS = re.compile(r"(\r|\n|\x1b\[A)")  # carriage return, line feed, cursor up (tqdm's nested bars)
 
 
@@ -235,7 +238,7 @@ def _environ(**values: str) -> Iterator[None]:
 
 def run(notebooks: Sequence[Path], parameters: dict[str, str], output_dir: str | os.PathLike,
         stream: bool = True) -> list[Path]:
-    """Execute ``notebooks`` in order into ``output_dir``, each in its own folder, then tidy them.
+    """Execute ``notebooks`` in order into ``output_dir``, each from its own folder, then tidy the results.
 
     Args:
         notebooks: the notebooks, in the order to run them.
@@ -262,6 +265,7 @@ def run(notebooks: Sequence[Path], parameters: dict[str, str], output_dir: str |
                 papermill.execute_notebook(
                     _shown(nb), _shown(out), parameters=per_notebook[nb], cwd=str(nb.parent), progress_bar=False,
                     stdout_file=sys.stdout if stream else None, stderr_file=sys.stderr if stream else None,
+                    extra_arguments=[KERNEL_QUIET],
                 )
         except papermill.PapermillExecutionError:
             print(f"\n   {nb.name} failed; {_shown(out)} shows where", flush=True)

@@ -8,8 +8,8 @@
 # Two recipes (`aimonk.train.PRETRAINED_RECIPE`, `ORIGINAL_RECIPE`); every parameter left at `None`
 # takes the recipe's value, and any parameter you pass overrides it:
 #
-# - **`pretrained`** (the default, the best recipe measured on real data that runs offline; README
-#   "Model quality"): EfficientNet-Lite0 with ImageNet weights from pip, 224 px, batch 32; the head
+# - **`pretrained`** (the default, the best recipe measured on real data that runs offline;
+#   `docs/quality.md`): EfficientNet-Lite0 with ImageNet weights from pip, 224 px, batch 32; the head
 #   trained alone for 2 epochs, then the whole network with the backbone at 0.3x the head's learning
 #   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 12 epochs in all); random
 #   resized crops and flips; flip test-time augmentation; the epoch with the best validation macro
@@ -53,14 +53,18 @@ val_fraction: float = 0.2  # share of images held out for validation (grouped by
 # The recipe and the parameters fill the same `TrainConfig` dataclass the command line uses (`python -m aimonk train --recipe ...`); everything not set keeps the recipe's value.
 
 # %%
-import math
 from dataclasses import asdict
 
 import pandas as pd
+import torch
+from IPython.display import Image
+from torch.utils.data import DataLoader, Subset
 
 from aimonk import config, plots
-from aimonk.data import load_split
-from aimonk.train import recipe_config, train
+from aimonk.data import ImageDataset, load_split, normalize_batch
+from aimonk.losses import compute_pos_weight, masked_vs_plain_loss
+from aimonk.model import BACKBONES, build_model
+from aimonk.train import prepare_data, recipe_config, train, train_transform
 
 model_path = config.output_dir(out_dir) / config.DEFAULT_MODEL_NAME
 overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, backbone=backbone,
@@ -73,11 +77,87 @@ cfg = recipe_config(
 pd.Series(asdict(cfg), name="value").to_frame()
 
 # %% [markdown]
+# ## The data, as training reads it
+#
+# Images are decoded once into a cache (`~/.cache/aimonk`), then split into training and validation
+# parts grouped by content hash (byte-identical images never straddle the split) and stratified on
+# the rarest attribute. `train(cfg)` below makes the same split from the same `seed`.
+
+# %%
+index, cache, train_idx, val_idx = prepare_data(cfg)
+attributes = index.attributes
+train_targets = index.table.targets[train_idx]  # (N, n_attributes), -1 = NA
+pd.Series({"training images": len(train_idx), "validation images": len(val_idx), "attributes": len(attributes)},
+          name="").to_frame()
+
+# %% [markdown]
+# ## One training batch
+#
+# `batch_size` training images after the recipe's augmentation (`augment`), before normalisation,
+# each captioned with its labels: 1, 0, or NA (unknown).
+
+# %%
+train_set = ImageDataset(Subset(cache, train_idx), train_targets, train_transform(cfg.augment, cfg.image_size))
+x, y = next(iter(DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.seed))))
+x.shape, y.shape  # (B, 3, S, S) uint8, (B, n_attributes)
+
+# %%
+plots.plot_batch(x, y, attributes);
+
+# %% [markdown]
+# ## The model's output on that batch
+#
+# One logit per image and attribute; the sigmoid of a logit is the probability that the attribute is
+# present. This is the network before training: the backbone's `weights`, a new linear head.
+
+# %%
+model = build_model(cfg.backbone, len(attributes), cfg.weights).eval()
+spec = BACKBONES[cfg.backbone]  # the backbone's normalisation statistics
+with torch.no_grad():
+    logits = model(normalize_batch(x, "cpu", spec.mean, spec.std))  # (B, n_attributes)
+logits.shape
+
+# %% [markdown]
+# ## The NA mask on that batch
+#
+# Only known labels count in the loss: `y >= 0` is the mask. Each row below is an image of the batch
+# (black = NA, left out of the loss).
+
+# %%
+mask = y >= 0  # (B, n_attributes), True where the label is known
+pd.DataFrame({"known": mask.sum(0), "NA": (~mask).sum(0)}, index=pd.Index(attributes, name="attribute")).T
+
+# %%
+plots.plot_na_pattern(y.numpy(), attributes);
+
+# %% [markdown]
+# ## `pos_weight`
+#
+# Each attribute's positives are weighted by `negatives / positives`, counted over the known labels
+# of the training images, so a rare attribute's few positives weigh as much as its many negatives.
+
+# %%
+pos_weight = compute_pos_weight(train_targets, attributes)  # (n_attributes,)
+pd.DataFrame({"positives": (train_targets == 1).sum(0), "negatives": (train_targets == 0).sum(0),
+              "NA": (train_targets < 0).sum(0), "pos_weight": pos_weight.numpy().round(3)},
+             index=pd.Index(attributes, name="attribute"))
+
+# %% [markdown]
+# ## Masked loss against plain BCE
+#
+# The loss training minimises on this batch (`masked`: the mean over known labels) next to plain
+# binary cross-entropy (`plain`: every NA read as a 0, so the network is taught that unknown
+# attributes are absent). Both weight positives by `pos_weight`; `na_share` is the share of labels
+# that are NA.
+
+# %%
+pd.Series(masked_vs_plain_loss(logits, y, pos_weight), name="on this batch").to_frame().round(4)
+
+# %% [markdown]
 # ## Train
 #
-# Images are decoded once into a cache (`~/.cache/aimonk`), split into training and validation
-# parts grouped by content hash (byte-identical images never straddle the split) and stratified on
-# the rarest attribute, and the split is saved. Each epoch ends with the validation macro AP.
+# Each epoch ends with the validation macro AP; the split is saved next to the model.
 
 # %%
 result = train(cfg)
@@ -96,17 +176,27 @@ pd.Series({"training images": len(split["train"]), "validation images": len(spli
 # %% [markdown]
 # ## Loss curve
 #
-# Training loss of every iteration (masked, `pos_weight`-ed BCE), its running mean, and epoch boundaries.
+# Training loss of every iteration (masked, `pos_weight`-ed BCE), its running mean, and epoch
+# boundaries: the figure `train(cfg)` saved, drawn from the steps it took.
 
 # %%
-fig = plots.plot_loss_curve(result.history["loss"], steps_per_epoch=math.ceil(len(split["train"]) / cfg.batch_size))
-plots.save(fig, config.LOSS_PLOT_NAME);
+Image(filename=str(result.loss_plot)) if result.loss_plot else "no loss plot: cfg.loss_plot is empty"
+
+# %% [markdown]
+# ## Validation macro AP per epoch
+#
+# Area under the precision-recall curve on the validation images, averaged over attributes (the
+# chance level of AP is the positive rate). Read it next to the loss above: a loss that keeps
+# falling while this stalls or drops is the network fitting the training images.
+
+# %%
+fig = plots.plot_validation_ap(result.history["val_macro_ap"], best_epoch=result.history.get("best_epoch"))
+plots.save(fig, "validation_ap.png");
 
 # %% [markdown]
 # ## Per epoch
 #
-# Mean training loss, validation macro AP (area under the precision-recall curve, averaged over
-# attributes; the chance level of AP is the positive rate) and time.
+# The same figures as a table: mean training loss, validation macro AP and time.
 
 # %%
 history = pd.DataFrame({

@@ -74,6 +74,11 @@ def test_speed_markdown_quotes_both_loops_and_their_ratio():
     assert "| inference from image files (img/s) | 30.0 | 30.0 | 1.00x |" in text  # a ratio missing from the JSON
     assert "int8" not in text.split("|---|")[1]  # no int8 rows without int8 figures
     assert "training 2.50x (30.0 img/s)" in report.render_glance({"s.json": record})
+    cores = record["run"]["machine"]["cores"]
+    for load, busy in ([0.5, 0.9], False), ([cores + 1.0, cores + 2.0], True):
+        record["load_average"] = load
+        assert ("busy machine" in report.render_glance({"s.json": record})) == busy
+        assert ("The machine was busy" in report.render_speed(record, "s.json")) == busy
 
 
 def test_check_fails_on_a_hand_edited_table_and_the_generator_repairs_it(tmp_path, capsys):

@@ -223,13 +223,21 @@ def render_speed(record: dict, source: str) -> str:
              + ", ".join(f"{k} {v / 1e9:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s"
                          for k, v in record["peak_flops"].items()),
              "", "The two loops run in turns in one process, on the same images (`python -m aimonk.benchmark speed "
-             "--help`).", "",
+             "--help`)." + (" **The machine was busy with other work** (load average above the core count): both "
+                            "loops slowed down, the faster one more, so the ratios understate an idle run."
+                            if _busy(record) else ""), "",
              "| | original | project | project/original |", "|---|---|---|---|"]
     for label, key, fmt in SPEED_ROWS:
         if key not in p or key not in o:
             continue
         lines.append(f"| {label} | {fmt.format(o[key])} | {fmt.format(p[key])} | {_ratio(record, key):.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def _busy(record: dict) -> bool:
+    """Whether other work loaded the machine during a speed run (load average above the core count)."""
+    load = [x for x in record.get("load_average") or [] if x is not None]
+    return bool(load) and max(load) > record["run"]["machine"]["cores"]
 
 
 def _glance_rows(name: str, record: dict) -> list[str]:
@@ -261,7 +269,9 @@ def _glance_rows(name: str, record: dict) -> list[str]:
     load = record.get("load_average") or [None]
     cfg = record["config"]
     note = f"{record['n_images']} images, {cfg['image_size']} px, {cfg['backbone']}" + (
-        f", load {load[0]:.1f}" if load[0] is not None else "")
+        f", load {load[0]:.1f} on {record['run']['machine']['cores']} cores" if load[0] is not None else "")
+    if _busy(record):
+        note += " (**busy machine**: ratios understated)"
     return [f"| speed, project loop / original loop | `{cfg['data_dir']}` | {', '.join(figures)} | "
             f"the original loop, in turns | {note} | {link} |"]
 
