@@ -228,10 +228,22 @@ best = result.history.get("best_epoch")
 # notebook 03's decisions. The fine-tuned network never sees the validation images.
 
 # %%
-probe = result.meta.get("probe")
+probe = result.meta.probe
 (pd.Series({f"probe C ({' + '.join(probe.get('backbones') or [cfg.backbone])})": probe["C"],
             "val. macro AP, fine-tuned alone": probe["val_macro_ap_finetuned"],
             "val. macro AP, with the probe" + (" (out of fold)" if probe.get("cross_fit") else ""): probe["val_macro_ap"],
             "seconds for the probe": probe["seconds"]},
            name="").to_frame().round(3)
  if probe else "no probe: probe_ensemble is off, or there were no pretrained weights (see the warnings above)")
+
+# %% [markdown]
+# ## Decisions chosen on validation
+#
+# Training ends by choosing each attribute's decision on the validation images (the out-of-fold scores
+# with the cross-fitted probe): a tuned threshold where the model beats chance there and beats the
+# majority rule, else the majority rule itself. They are saved in the checkpoint, so the CLI, the
+# Python API, the upload panel and the app all use them; 03_evaluate shows how they were chosen.
+
+# %%
+pd.DataFrame({"threshold": result.meta.thresholds, "decision": result.meta.decisions},
+             index=pd.Index(result.meta.attributes, name="attribute")).round(2)

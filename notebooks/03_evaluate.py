@@ -4,8 +4,9 @@
 # Scores the model from 02_train on its saved validation split, one attribute at a time, with NA
 # labels excluded. Every number sits next to a reference that says what it is worth: the
 # majority-class baseline, the AP of chance (the positive rate), a bootstrap confidence interval for
-# ROC-AUC and the AUC that shuffled labels reach. Then per-attribute decisions are chosen on the
-# same validation images and written into the checkpoint for 04_infer.
+# ROC-AUC and the AUC that shuffled labels reach. Training already chose per-attribute decisions on
+# these validation images and saved them; here the choice is made again in the open, with the plotted
+# sweep and this notebook's `n_boot` and `seed`, and written back into the checkpoint for 04_infer.
 #
 # **Read with care.** The validation set is small, so intervals are wide. Metrics of *tuned*
 # thresholds are measured on the very images they were tuned on and are **optimistic**; the
@@ -30,9 +31,9 @@ from IPython.display import Markdown
 
 from aimonk import config, plots
 from aimonk.data import load_split
-from aimonk.evaluate import (apply_decisions, attribute_report, choose_decisions, summarize, threshold_sweep,
-                             validation_scores)
-from aimonk.model import update_checkpoint
+from aimonk.evaluate import validation_scores
+from aimonk.checkpoint import update_checkpoint
+from aimonk.metrics import apply_decisions, attribute_report, choose_decisions, summarize, threshold_sweep
 
 data_path = config.resolve_path(data_dir)
 model_path = config.output_dir(out_dir) / config.DEFAULT_MODEL_NAME
@@ -53,6 +54,14 @@ pd.Series({"model": str(model_path), "data": str(data_path), "validation images"
 targets, probs, names, predictor = validation_scores(model_path, data_path, split["val"])
 attributes = predictor.attributes
 pd.DataFrame(probs, index=pd.Index(names, name="image"), columns=attributes).describe().round(3)
+
+# %% [markdown]
+# ## The decisions training saved
+
+# %%
+saved = pd.DataFrame({"threshold": predictor.meta.thresholds, "decision": predictor.meta.decisions},
+                     index=pd.Index(attributes, name="attribute"))
+saved.round(2)
 
 # %% [markdown]
 # ## Per-attribute metrics at threshold 0.5
@@ -122,7 +131,8 @@ plots.save(fig, "confusion_matrices.png");
 
 # %%
 meta = update_checkpoint(model_path, thresholds=thresholds, decision=decisions)
-pd.DataFrame({"threshold": meta["thresholds"], "decision": meta["decision"]}, index=pd.Index(meta["attributes"], name="attribute"))
+pd.DataFrame({"threshold": meta.thresholds, "decision": meta.decisions, "saved by training": saved["decision"]},
+             index=pd.Index(meta.attributes, name="attribute")).round(2)
 
 # %% [markdown]
 # ## Per-attribute metrics with the chosen decisions
