@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aimonk import config
+from aimonk.files import atomic_write_text
 
 RATES = (0.85, 0.75, 0.5, 0.08)
 NA_RATE = 0.09
@@ -96,7 +97,7 @@ def generate(out_dir: str | Path = config.SAMPLE_DIR, n: int = 200, size: int = 
     # A labelled image that does not exist, and an image no row mentions.
     lines.append(f"image_{n + 1}.jpg 1 0 NA 0")
     _draw(rng, np.array([1, 1, 0, 0]), size).save(out / "images" / "unlisted_0.jpg", "JPEG", quality=88)
-    (out / "labels.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "labels.txt", "\n".join(lines) + "\n")
     return out
 
 

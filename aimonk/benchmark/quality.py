@@ -24,6 +24,7 @@ import pandas as pd
 from aimonk.benchmark.report import run_info
 from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import score_folder, validation_scores
+from aimonk.files import atomic_write_text
 from aimonk.metrics import apply_decisions, choose_decisions, macro_average_precision, permutation_auc
 from aimonk.predict import Predictor
 from aimonk.train import PRETRAINED_RECIPE, RECIPES, TrainConfig, train
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(df.to_json(orient="records"))
         info["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
         record = {"benchmark": "quality", "run": info, "data": a.data, "folds": a.folds, "rows": rows}
-        Path(a.json).write_text(json.dumps(record, indent=1))
+        atomic_write_text(a.json, json.dumps(record, indent=1))
     return 0
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import aimonk
+from aimonk.files import atomic_write_text
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "reports" / "benchmarks"
 """Where the committed benchmark JSON files live."""
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"out of date: {path} (run `python -m aimonk.benchmark report`)", file=sys.stderr)
         return 1 if stale or orphans else 0
     for path in stale:
-        path.write_text(text := files[path])
+        atomic_write_text(path, text := files[path])
         print(f"wrote {path} ({len(text.splitlines())} lines)")
     return 0
 

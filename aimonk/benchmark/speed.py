@@ -69,6 +69,7 @@ from aimonk.benchmark.workload import SpeedConfig, drop_lone_last, load_images
 from aimonk.cache import DecodedCache
 from aimonk.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, update_checkpoint
 from aimonk.data import ImageDataset, file_digest
+from aimonk.files import atomic_write_text
 from aimonk.inference import infer_probabilities
 from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
 from aimonk.model import BACKBONES, BackboneSpec, build_model
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if json_path:
-        Path(json_path).write_text(json.dumps({"benchmark": "speed", "run": info, **res}, indent=1, default=str))
+        atomic_write_text(json_path, json.dumps({"benchmark": "speed", "run": info, **res}, indent=1, default=str))
     return 0
 
 
