@@ -23,22 +23,13 @@ from pathlib import Path
 
 import aimonk
 from aimonk.files import atomic_write_text
+from aimonk.runtime import cpu_model
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "reports" / "benchmarks"
 """Where the committed benchmark JSON files live."""
 
 
 # ---------------------------------------------------------------- what a JSON records about its run
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _git_commit() -> str:
     """The checkout's commit, with ``+dirty`` when tracked files under aimonk/ differ from it."""
@@ -74,7 +65,7 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
     """
     import torch
 
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "system": f"{platform.system()} {platform.release()}",
                "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
