@@ -112,10 +112,12 @@ plots.plot_batch(x, y, attributes);
 # present. This is the network before training: the backbone's `weights`, a new linear head.
 
 # %%
-model = build_model(cfg.backbone, len(attributes), cfg.weights).eval()
 spec = BACKBONES[cfg.backbone]  # the backbone's normalisation statistics
+torch.manual_seed(cfg.seed)  # the new head's initial weights
+model = build_model(cfg.backbone, len(attributes), cfg.weights).eval()
+model = model.to(memory_format=torch.channels_last)  # NHWC, as training runs it: faster on the CPU
 with torch.no_grad():
-    logits = model(normalize_batch(x, "cpu", spec.mean, spec.std))  # (B, n_attributes)
+    logits = model(normalize_batch(x, "cpu", spec.mean, spec.std, channels_last=True))  # (B, n_attributes)
 logits.shape
 
 # %% [markdown]

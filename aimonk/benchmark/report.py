@@ -142,6 +142,11 @@ def _run_lines(record: dict) -> list[str]:
     return lines + [f"- machine: {'; '.join(machines)}", f"- versions: {'; '.join(versions)}"]
 
 
+def _pm(mean: float, std: float, n: int, digits: int = 3) -> str:
+    """``mean ± std``, or the mean alone when one fold gives no spread."""
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
 def _folds_scored(record: dict) -> str:
     scored = len({row["fold"] for row in record["rows"]})
     return f"{scored}-fold CV" if scored == record["folds"] else f"{scored} of {record['folds']} CV folds (unfinished)"
@@ -180,7 +185,7 @@ def render_quality(record: dict, source: str) -> str:
              "Held-out fold scores, mean ± std across folds (each recipe trains on the other folds).", "",
              "| recipe | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for s in summary:
-        cells = [f"{m:.3f} ± {sd:.3f}" if key != "minutes" else f"{m:.1f} ± {sd:.1f}"
+        cells = [_pm(m, sd, s["folds"], 1 if key == "minutes" else 3)
                  for (_, key), (m, sd) in zip(QUALITY_METRICS, s["stats"].values())]
         lines.append(f"| {s['recipe']} | " + " | ".join(cells) + " |")
     lines += ["", "Per fold:", ""]
@@ -197,7 +202,7 @@ def render_quality(record: dict, source: str) -> str:
             continue
         auc, chance = s["stats"]["macro_auc"], s["stats"]["chance_auc"]
         word = "**learned signal**" if s["signal"] else "**no signal**: it ranks at chance"
-        lines.append(f"- {s['recipe']}: {word} (macro AUC {auc[0]:.3f} ± {auc[1]:.3f}, chance {chance[0]:.3f})")
+        lines.append(f"- {s['recipe']}: {word} (macro AUC {_pm(*auc, s['folds'])}, chance {chance[0]:.3f})")
     return "\n".join(lines) + "\n"
 
 
@@ -242,14 +247,14 @@ def _glance_rows(name: str, record: dict) -> list[str]:
         against = f"majority AP {m['macro_ap'][0]:.3f}, F1 {m['macro_f1_tuned'][0]:.3f}" if m else ""
         rows = []
         for s in summary:
-            if s["signal"] is None:
+            if s["signal"] is None or " " in s["recipe"]:  # the majority row; ablations ("... in int8") in the file
                 continue
             st = s["stats"]
             verdict = "signal" if s["signal"] else "**no signal** (chance)"
             rows.append(
                 f"| quality, `{s['recipe']}`, {_folds_scored(record)} | `{record['data']}` | "
-                f"AP {st['macro_ap'][0]:.3f} ± {st['macro_ap'][1]:.3f}, AUC {st['macro_auc'][0]:.3f} ± "
-                f"{st['macro_auc'][1]:.3f}, F1 {st['macro_f1_tuned'][0]:.3f} | {against}; chance AUC "
+                f"AP {_pm(*st['macro_ap'], s['folds'])}, AUC {_pm(*st['macro_auc'], s['folds'])}, "
+                f"F1 {st['macro_f1_tuned'][0]:.3f} | {against}; chance AUC "
                 f"{st['chance_auc'][0]:.3f} | {verdict} | {link} |")
         return rows
     p = record["project"]
