@@ -2,8 +2,9 @@
 
 Layers: the labels parser and dataset index, the decode-once cache, training, ``Predictor`` and
 ``predict``, the CLI and the upload panel's handler. Each case ends in a clear error that names
-the file (and line) and what was expected, or in a documented fallback with a warning. The README
-table "Bad inputs and what happens" lists the same cases; every row is checked here.
+the file (and line) and what was expected, or in a documented fallback with a warning. The table in
+docs/bad-inputs.md lists the same cases; every row is checked here or in test_reliability.py and
+test_written_files.py.
 """
 
 from __future__ import annotations
