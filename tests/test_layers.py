@@ -98,3 +98,9 @@ def test_the_layer_test_catches_an_upward_import(tmp_path):
     (tmp_path / "labels.py").write_text(source)
     imports = aimonk_imports(tmp_path / "labels.py")
     assert "aimonk.train" in imports and layer("aimonk.train") > layer("aimonk.data.labels")
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: the module graph, layer by layer
+    for path in MODULES:
+        me = module_name(path)
+        print(f"{layer(me):2d} {me} -> {', '.join(sorted(aimonk_imports(path) - {me})) or '-'}")
