@@ -1,4 +1,4 @@
-"""Command line: ``python -m aimonk {train,predict,evaluate,calibrate-int8}``. Errors print one line and exit 1."""
+"""Command line: ``python -m aimonk {train,predict,evaluate,audit,calibrate-int8}``. Errors print one line and exit 1."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from dataclasses import fields
 import pandas as pd
 
 from aimonk import config, distributed
+from aimonk.audit import AUDIT_FOLDS, NEAR_DUPLICATE_BITS, AuditResult, audit
 from aimonk.checkpoint import CheckpointMeta
 from aimonk.data import shown
 from aimonk.evaluate import score_folder
+from aimonk.features import DEFAULT_BACKBONES
 from aimonk.int8 import calibrate_checkpoint
 from aimonk.metrics import attribute_report, report_to_json, summarize
 from aimonk.predict import Predictor, list_images
@@ -22,6 +24,7 @@ from aimonk.train import RECIPES, TrainConfig, recipe_config, train
 DEFAULT_MODEL = str(config.DEFAULT_MODEL)
 PRECISION_HELP = ("inference precision: auto (per backbone and device), fp32, bf16, fp16 (CUDA) or int8 "
                   "(CPU; ResNet18 checkpoints without a probe ensemble)")
+LABELS_HELP = "labels file to use instead of DATA/labels.txt, e.g. an audit review's labels.reviewed.txt"
 RECIPE_HELP = ("preset: 'pretrained' (the best measured recipe: EfficientNet-Lite0 ImageNet fine-tuning, head "
                "first, AdamW + cosine + crops + TTA + best epoch kept) or 'original' (the seed recipe: ResNet18, "
                "Adam 1e-4, batch 16, 20 epochs; the defaults shown below); explicit flags override it")
@@ -104,7 +107,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision), a.data)
+    targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision), a.data,
+                                                    labels=a.labels)
     report = attribute_report(targets, probs, predictor.attributes, predictor.meta.thresholds,
                               predictor.meta.decisions)
     if a.json:
@@ -120,6 +124,36 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(f"\nmacro AP {s['macro_ap']:.3f} (chance {s['macro_pos_rate']:.3f}) | macro F1 {s['macro_f1']:.3f} "
           f"(majority baseline {s['macro_majority_f1']:.3f})")
     return 0
+
+
+def cmd_audit(a: argparse.Namespace) -> int:
+    backbones = [b.strip() for b in a.backbones.split(",") if b.strip()]
+    result = audit(a.data, a.labels, backbones, a.image_size, a.folds, seed=a.seed, near_bits=a.near_bits)
+    if a.json:
+        print(json.dumps(result.to_json(a.top), indent=1))
+        return 0
+    print(audit_text(result, a.top))
+    return 0
+
+
+def audit_text(result: AuditResult, top: int) -> str:
+    """The audit for a terminal: the signal gate, the conflicting duplicates and the top suspects."""
+    s = result.settings
+    known = int((result.targets >= 0).sum())
+    lines = [f"Label audit of {s['labels']}: {len(result.names)} images, {known} known labels; out-of-sample "
+             f"scores from a probe on frozen {' + '.join(s['backbones'])} features, {s['folds']}-fold cross-fitted",
+             "", "Signal gate (out-of-sample AUC; audited only where its 95% interval is above 0.5):",
+             result.signal[["n_known", "n_positive", "auc", "auc_lo", "auc_hi", "signal", "n_flagged"]]
+             .round(3).to_string(), "", result.summary(), ""]
+    for g in result.duplicates:
+        copies = "; ".join(f"{n} ({' '.join(t)})" for n, t in g["labels"].items())
+        lines.append(f"{g['kind']} copies disagree on {', '.join(g['conflicting'])}: {copies}")
+    suspects = result.suspects(top)
+    if len(suspects):
+        lines += ["", f"Top {len(suspects)} suspects (score: higher = more likely wrong; duplicates first):",
+                  suspects[["image", "attribute", "label", "probability", "score", "flagged", "duplicate"]]
+                  .round(3).to_string()]
+    return "\n".join(lines)
 
 
 def cmd_calibrate_int8(a: argparse.Namespace) -> int:
@@ -147,9 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="per-attribute metrics on a labelled folder")
     e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
     e.add_argument("--data", required=True, help="folder with labels.txt and images/")
+    e.add_argument("--labels", default=None, help=LABELS_HELP)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--precision", default="auto", help=PRECISION_HELP)
     e.set_defaults(func=cmd_evaluate)
+    u = sub.add_parser("audit", help="find the labels that the images dispute (NA-aware), gated on signal")
+    u.add_argument("--data", required=True, help="folder with labels.txt and images/")
+    u.add_argument("--labels", default=None, help="labels file to audit instead of DATA/labels.txt")
+    u.add_argument("--top", type=int, default=20, help="suspects to list (default: %(default)s)")
+    u.add_argument("--json", action="store_true", help="print the whole audit as JSON (see docs/audit.md)")
+    u.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
+                   help="frozen networks whose features the probe reads (default: %(default)s)")
+    u.add_argument("--image-size", type=int, default=224, help="network input size (default: %(default)s)")
+    u.add_argument("--folds", type=int, default=AUDIT_FOLDS, help="cross-fitting folds (default: %(default)s)")
+    u.add_argument("--near-bits", type=int, default=NEAR_DUPLICATE_BITS,
+                   help="perceptual-hash bits within which images count as near-identical (default: %(default)s)")
+    u.add_argument("--seed", type=int, default=0, help="fold seed")
+    u.set_defaults(func=cmd_audit)
     c = sub.add_parser("calibrate-int8", help="add int8 calibration to a checkpoint trained before training did it")
     c.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint, updated in place (default: %(default)s)")
     c.add_argument("--data", required=True, help="folder with labels.txt and images/; its validation images are left out")

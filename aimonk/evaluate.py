@@ -14,10 +14,11 @@ from aimonk.data import ImageDataset, index_dataset
 from aimonk.inference import Predictor, infer_probabilities
 
 
-def _labelled_rows(predictor, data_dir: str | os.PathLike, names: Sequence[str] | None):
-    """``(index, rows)``: the folder's index and the rows of ``names`` (all rows if None), checked
-    against the labels and the model's attributes."""
-    index = index_dataset(data_dir)
+def _labelled_rows(predictor, data_dir: str | os.PathLike, names: Sequence[str] | None,
+                   labels: str | os.PathLike | None = None):
+    """``(index, rows)``: the folder's index (labels from ``labels``, default labels.txt) and the rows of
+    ``names`` (all rows if None), checked against the labels and the model's attributes."""
+    index = index_dataset(data_dir, labels_file=labels or None)
     if len(index.attributes) != len(predictor.attributes):
         raise ValueError(f"{data_dir}: {len(index.attributes)} attributes, but {predictor.path} predicts "
                          f"{len(predictor.attributes)}")
@@ -26,22 +27,24 @@ def _labelled_rows(predictor, data_dir: str | os.PathLike, names: Sequence[str] 
     where = {n: i for i, n in enumerate(index.table.names)}
     absent = [n for n in names if n not in where]
     if absent:
-        raise ValueError(f"{data_dir}: {len(absent)} split image(s) not in labels.txt, e.g. {absent[:3]}")
+        raise ValueError(f"{index.table.source}: {len(absent)} split image(s) not listed, e.g. {absent[:3]}")
     return index, [where[n] for n in names]
 
 
 def score_folder(model_path: "str | os.PathLike | Predictor", data_dir: str | os.PathLike,
-                 names: Sequence[str] | None = None, cache_dir: str | None = None, progress: bool = False, tta: bool | None = None):
+                 names: Sequence[str] | None = None, cache_dir: str | None = None, progress: bool = False,
+                 tta: bool | None = None, labels: str | os.PathLike | None = None):
     """Probabilities of a checkpoint on a labelled folder (optionally only the rows in ``names``).
 
     ``model_path`` is a checkpoint path or a loaded ``Predictor``. ``tta`` (flip test-time
-    augmentation) defaults to the checkpoint's own setting.
+    augmentation) defaults to the checkpoint's own setting. ``labels`` replaces ``data_dir/labels.txt``
+    (e.g. a reviewed labels file).
 
     Returns:
         ``(targets, probs, names, predictor)`` for the readable, present images.
     """
     predictor = model_path if isinstance(model_path, Predictor) else Predictor(model_path)
-    index, rows = _labelled_rows(predictor, data_dir, names)
+    index, rows = _labelled_rows(predictor, data_dir, names, labels)
     cache = DecodedCache([index.paths[i] for i in rows], predictor.image_size, cache_dir, progress=progress)
     ok = cache.ok
     ds = ImageDataset(torch.utils.data.Subset(cache, ok), index.table.targets[[rows[i] for i in ok]])
@@ -51,7 +54,8 @@ def score_folder(model_path: "str | os.PathLike | Predictor", data_dir: str | os
 
 
 def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike, names: Sequence[str],
-                      cache_dir: str | None = None, progress: bool = False, tta: bool | None = None):
+                      cache_dir: str | None = None, progress: bool = False, tta: bool | None = None,
+                      labels: str | os.PathLike | None = None):
     """Probabilities of a checkpoint on its validation images, for choosing decisions honestly.
 
     A model trained with ``probe_cross_fit`` has seen the validation images (its probe was refitted on
@@ -65,7 +69,8 @@ def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike
     predictor = Predictor(model_path)
     stored = predictor.meta.validation_scores
     if not stored:
-        return score_folder(predictor, data_dir, names=names, cache_dir=cache_dir, progress=progress, tta=tta)
+        return score_folder(predictor, data_dir, names=names, cache_dir=cache_dir, progress=progress, tta=tta,
+                            labels=labels)
     tta = predictor.meta.tta if tta is None else tta
     probs = stored["flip_tta" if tta else "plain"]
     if probs is None:
@@ -75,6 +80,6 @@ def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike
     if unknown:
         raise ValueError(f"{model_path} has seen these images and stores no out-of-fold scores for "
                          f"{len(unknown)} of them, e.g. {unknown[:3]}: score only its own validation split")
-    index, rows = _labelled_rows(predictor, data_dir, names)
+    index, rows = _labelled_rows(predictor, data_dir, names, labels)
     targets = index.table.targets[rows]
     return targets, np.asarray([probs[where[n]] for n in names], np.float32), list(names), predictor

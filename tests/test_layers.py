@@ -21,10 +21,11 @@ LAYERS = [
     ["aimonk.data"],
     ["aimonk.cache", "aimonk.losses", "aimonk.metrics", "aimonk.plots", "aimonk.distributed"],
     ["aimonk.model", "aimonk.explore"],  # networks; the dataset health report
-    ["aimonk.runtime", "aimonk.checkpoint"],  # device and precision; the checkpoint schema
+    ["aimonk.runtime", "aimonk.checkpoint", "aimonk.review"],  # device and precision; the checkpoint schema; label review files
     ["aimonk.int8"],
     ["aimonk.inference"],  # the engine: Predictor
-    ["aimonk.probe", "aimonk.evaluate"],
+    ["aimonk.probe", "aimonk.evaluate", "aimonk.features"],
+    ["aimonk.audit"],  # the label audit (cross-fitted probe, confident learning, duplicates)
     ["aimonk.train.config"],
     ["aimonk.train.loop"],
     ["aimonk.train.resume"],
@@ -32,7 +33,7 @@ LAYERS = [
     ["aimonk.train"],
     ["aimonk.predict"],  # the public predict()
     ["aimonk.cli", "aimonk.widgets", "aimonk.run_notebooks", "aimonk.benchmark"],  # the CLI and the upload panel
-    ["aimonk.app"],  # the Streamlit app shares the panel's thumbnail
+    ["aimonk.app", "aimonk.review_panel"],  # the Streamlit app and the review panel share the upload panel's thumbnail
     ["aimonk.__main__"],
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}

@@ -32,8 +32,9 @@ class DatasetIndex:
 
 
 
-def index_dataset(data_dir: str | os.PathLike, warn: bool = True) -> DatasetIndex:
-    """Match ``data_dir/labels.txt`` against ``data_dir/images/``.
+def index_dataset(data_dir: str | os.PathLike, warn: bool = True,
+                  labels_file: str | os.PathLike | None = None) -> DatasetIndex:
+    """Match ``data_dir/labels.txt`` (or ``labels_file``) against ``data_dir/images/``.
 
     Rows whose image is missing are dropped with one warning listing them; rows whose file cannot be
     read (permission denied, a broken symbolic link, a FIFO or other non-regular file) are dropped
@@ -44,6 +45,8 @@ def index_dataset(data_dir: str | os.PathLike, warn: bool = True) -> DatasetInde
     Args:
         data_dir: folder holding ``labels.txt`` and ``images/``.
         warn: emit the missing- and unreadable-image warnings.
+        labels_file: read the labels from this file instead of ``data_dir/labels.txt``, e.g. the
+            ``labels.reviewed.txt`` that a label audit's review wrote (the images stay in ``data_dir``).
     Returns:
         A ``DatasetIndex``.
     Raises:
@@ -53,7 +56,7 @@ def index_dataset(data_dir: str | os.PathLike, warn: bool = True) -> DatasetInde
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{shown(root)}: data folder not found (expected labels.txt and images/ inside)")
-    labels, images = root / "labels.txt", root / "images"
+    labels, images = Path(labels_file) if labels_file else root / "labels.txt", root / "images"
     if not os.path.lexists(labels):
         raise FileNotFoundError(f"{shown(labels)}: labels file not found")
     if not images.is_dir():

@@ -17,6 +17,7 @@ class TrainConfig:
     """Every training choice in one place; the 02 notebook parameters and the CLI flags both fill it."""
 
     data_dir: str = _field(str(config.SAMPLE_DIR), "folder with labels.txt and images/")
+    labels: str = _field("", 'labels file ("" = data_dir/labels.txt), e.g. an audit review\'s labels.reviewed.txt')
     out: str = _field(str(config.DEFAULT_MODEL), "where the trained checkpoint goes")
     loss_plot: str = _field(str(config.FIGURES_DIR / config.LOSS_PLOT_NAME), 'loss curve PNG ("" to skip)')
     epochs: int = _field(20, "passes over the training set")

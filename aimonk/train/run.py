@@ -112,7 +112,7 @@ def prepare_data(cfg: TrainConfig, names: Sequence[str] | None = None):
         ``(index, cache, train_idx, val_idx)`` with indices into ``index.table`` (unreadable
         images already removed).
     """
-    index = index_dataset(cfg.data_dir)
+    index = index_dataset(cfg.data_dir, labels_file=cfg.labels or None)
     if names is not None:
         keep = set(names)
         rows = [i for i, n in enumerate(index.table.names) if n in keep]
@@ -193,7 +193,7 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
                                                                 "train", cfg.image_size, batch_size))
     if distributed.is_main():
         save_split(out.with_name(config.SPLIT_NAME), [index.table.names[i] for i in train_idx],
-                   [index.table.names[i] for i in val_idx], data_dir=str(cfg.data_dir), seed=cfg.seed,
+                   [index.table.names[i] for i in val_idx], data_dir=str(cfg.data_dir), labels=cfg.labels, seed=cfg.seed,
                    val_fraction=cfg.val_fraction)
     pos_weight = compute_pos_weight(train_targets, index.attributes)
     train_names = hashlib.sha256("\n".join(index.table.names[i] for i in train_idx).encode()).hexdigest()
@@ -363,7 +363,9 @@ def describe(run: Run, history: dict, probe: dict | None, val_scores: dict | Non
         # honest validation probabilities when the saved model has seen the validation images (probe_cross_fit)
         validation_scores=None if val_scores is None else {
             "names": val_names, **{k: None if v is None else v.tolist() for k, v in val_scores.items()}},
-        data={"dir": str(cfg.data_dir), "missing": run.index.missing, "unreadable": sorted(run.cache.failed.values())},
+        data={"dir": str(cfg.data_dir), "labels": str(run.index.table.source),
+              "labels_sha256": file_digest(run.index.table.source), "missing": run.index.missing,
+              "unreadable": sorted(run.cache.failed.values())},
     )
 
 

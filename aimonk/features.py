@@ -1,0 +1,102 @@
+"""Frozen pretrained features, computed once per image and cached on disk.
+
+A frozen network's features of an image depend only on the image bytes, the network and the input
+size, so they are cached under that key: ``CACHE_DIR/features/<backbone>_<weights>_s<size>_v<version>/``
+holds one float32 ``.npy`` per image, named by the sha256 of the image file. A second audit of the same
+folder (or of a reviewed labels file) computes nothing again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from aimonk import config
+from aimonk.cache import DecodedCache
+from aimonk.data import ImageDataset, file_digest, normalize_batch
+from aimonk.files import atomic_write_bytes
+from aimonk.model import BACKBONES, EFFICIENTNET_LITE_SHA256, feature_probe
+from aimonk.progress import tqdm
+
+FEATURE_VERSION = 1  # bump when the preprocessing or the feature definition changes
+DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1")  # the pretrained recipe's probe reads these
+
+
+def feature_dir(backbone: str, image_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder of one frozen network at one input size (the weights' hash is part of its name)."""
+    weights = EFFICIENTNET_LITE_SHA256.get(backbone, "imagenet1k_v1")[:8]
+    root = Path(cache_dir) if cache_dir else config.CACHE_DIR
+    return root / "features" / f"{backbone}_{weights}_s{int(image_size)}_v{FEATURE_VERSION}"
+
+
+def frozen_features(paths: Sequence[str | os.PathLike], backbones: Sequence[str] = DEFAULT_BACKBONES,
+                    image_size: int = 224, digests: Sequence[str] | None = None,
+                    cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The concatenated features of ``backbones`` (ImageNet weights, eval mode, no augmentation) per image.
+
+    Args:
+        paths: image files.
+        backbones: frozen networks (names in ``model.BACKBONES``) sharing one input normalisation.
+        image_size: images are resized to this square size, as for training.
+        digests: sha256 per path (computed if omitted).
+        cache_dir: cache root (default ``config.CACHE_DIR``).
+        batch_size: images per forward pass.
+        progress: show a progress bar for the images not cached yet.
+    Returns:
+        ``(features, ok)``: float32 (n_ok, D) for the readable images, and their indices into ``paths``.
+    Raises:
+        WeightsUnavailableError: if a network's pretrained weights cannot be had.
+    """
+    digests = list(digests) if digests is not None else [file_digest(p) for p in paths]
+    images = DecodedCache(paths, image_size, cache_dir, digests=digests, progress=progress)
+    ok = np.asarray(images.ok, dtype=int)
+    parts = [_cached_features(b, images, ok, digests, cache_dir, batch_size, progress) for b in backbones]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(ok), 0), np.float32), ok
+
+
+def _cached_features(backbone: str, images: DecodedCache, ok: np.ndarray, digests: Sequence[str],
+                     cache_dir, batch_size: int, progress: bool) -> np.ndarray:
+    """One network's features for the rows ``ok`` of ``images``: read from the cache, the rest computed and stored."""
+    folder = feature_dir(backbone, images.image_size, cache_dir)
+    files = [folder / digests[i][:2] / f"{digests[i]}.npy" for i in ok]
+    feats = np.zeros((len(ok), BACKBONES[backbone].feature_dim), np.float32)
+    todo = []
+    for k, f in enumerate(files):
+        try:
+            feats[k] = np.load(f)
+        except (OSError, ValueError):  # absent, or damaged (then recomputed and replaced)
+            todo.append(k)
+    if todo:
+        trunk = feature_probe([backbone], 1).trunks[0].eval()
+        dataset = ImageDataset(torch.utils.data.Subset(images, ok[todo].tolist()), np.zeros((len(todo), 1)))
+        computed = _forward(trunk, dataset, BACKBONES[backbone], batch_size,
+                            tqdm(total=len(todo), desc=f"features {backbone}", disable=not progress))
+        for k, row in zip(todo, computed):
+            feats[k] = row
+            atomic_write_bytes(files[k], _npy_bytes(row))
+    return feats
+
+
+@torch.inference_mode()
+def _forward(trunk: nn.Module, dataset: ImageDataset, spec, batch_size: int, bar) -> np.ndarray:
+    """The trunk's outputs (N, D) on ``dataset``, on the CPU in fp32."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = []
+    with bar:
+        for x, _ in loader:
+            out.append(trunk(normalize_batch(x, "cpu", spec.mean, spec.std)).float())  # (B, D)
+            bar.update(len(x))
+    return torch.cat(out).numpy()
+
+
+def _npy_bytes(row: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, row.astype(np.float32))
+    return buf.getvalue()
