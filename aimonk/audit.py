@@ -2,13 +2,14 @@
 
 1. Every labelled image gets out-of-sample probabilities: a logistic-regression probe on cached frozen
    ImageNet features (``features.frozen_features``), cross-fitted over folds grouped by image content
-   and stratified by label, so no image is scored by a probe that saw it.
+   and stratified by label, so no image is scored by a probe that saw it. Each fold's probe is fitted
+   without the labels its training part disputes (found by cross-fitting inside that part).
 2. Per attribute, on its known labels only, confident learning (Northcutt, Jiang & Chuang, "Confident
    Learning: Estimating Uncertainty in Dataset Labels", JAIR 2021) treats the attribute as a binary
    task: the per-class thresholds are the mean self-confidence of each given label; a label is
    *flagged* when the other class is confidently predicted (the off-diagonal of the confident joint);
-   its *score* is one minus the threshold-adjusted self-confidence (Kuan & Mueller, "Model-agnostic
-   label quality scoring to detect real-world label errors", 2022), higher meaning more likely wrong.
+   its *score* is one minus the self-confidence (Kuan & Mueller, "Model-agnostic label quality scoring
+   to detect real-world label errors", 2022), higher meaning more likely wrong.
 3. Copies of one image (byte-identical, or within a few bits of perceptual hash) whose known labels
    disagree are certain issues: one of the copies is wrong.
 4. The signal gate: an attribute is audited only where the out-of-sample AUC's 95 % bootstrap interval
@@ -39,8 +40,11 @@ from aimonk.probe import PROBE_C_DEFAULT, logistic_probabilities
 
 AUDIT_FOLDS = 5  # cross-fitting folds: each image is scored by a probe fitted on the other 4/5
 AUDIT_C = PROBE_C_DEFAULT  # fixed, not tuned on the audited labels, so the signal gate stays honest
+AUDIT_ROUNDS = 2  # the second round refits each fold's probe without the labels its training part disputes
 NEAR_DUPLICATE_BITS = 4  # perceptual hashes (64 bits) this close mark near-identical images
-DUPLICATE_SCORE = 2.0  # the score of a cell in a conflicting duplicate group: above every model score (<= 1)
+# The score of a cell whose copies disagree, above every model score (<= 1): byte-identical copies are
+# certain issues; perceptual-hash copies nearly so, but can be one photo template with different prints.
+DUPLICATE_SCORE = {"identical": 2.0, "near-identical": 1.5}
 
 
 @dataclass
@@ -52,7 +56,7 @@ class AuditResult:
     targets: np.ndarray  # (N, A): 1, 0, -1 (NA)
     probabilities: np.ndarray  # (N, A) out-of-sample probe probabilities
     signal: pd.DataFrame  # per attribute: the gate, AUC and interval, confident-learning counts
-    label_scores: pd.DataFrame  # image, attribute, label, probability, score, flagged, signal, duplicate
+    label_scores: pd.DataFrame  # image, attribute, label, probability, score, flagged, signal, duplicate, copies
     duplicates: list[dict]  # conflicting groups: kind, images, labels, conflicting attributes
     settings: dict = field(default_factory=dict)  # data, labels file, backbones, folds, C, seed
 
@@ -141,14 +145,29 @@ def audit(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None,
 
 
 def cross_fitted_probabilities(feats: np.ndarray, targets: np.ndarray, groups: Sequence[str], n_folds: int = AUDIT_FOLDS,
-                               C: float = AUDIT_C, seed: int = 0) -> np.ndarray:
+                               C: float = AUDIT_C, seed: int = 0, rounds: int = AUDIT_ROUNDS) -> np.ndarray:
     """Out-of-sample probabilities (N, A): each fold (grouped by ``groups``, stratified) scored by a probe
-    fitted on the other folds; NA labels are left out of each attribute's fit."""
+    fitted on the other folds; NA labels are left out of each attribute's fit.
+
+    With ``rounds=2`` the probe of each fold is fitted without the training labels that its own training
+    images dispute: those labels are found by the same cross-fitting run inside the training folds only
+    (so the held-out fold never influences what is left out), and set to NA for the fit.
+    """
     probs = np.full(targets.shape, 0.5, np.float32)
     for held in make_folds(targets, groups, n_folds, seed):
         rest = np.setdiff1d(np.arange(len(targets)), held)
-        probs[held] = logistic_probabilities(feats[rest], targets[rest], C, [feats[held]])[0]
+        fit_targets = targets[rest]
+        if rounds > 1:
+            inner = cross_fitted_probabilities(feats[rest], fit_targets, [groups[i] for i in rest],
+                                               max(2, n_folds - 1), C, seed, rounds - 1)
+            fit_targets = np.where(disputed(fit_targets, inner), -1, fit_targets)
+        probs[held] = logistic_probabilities(feats[rest], fit_targets, C, [feats[held]])[0]
     return probs
+
+
+def disputed(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Known labels whose out-of-sample probability favours the other class (p(given label) < 0.5), (N, A)."""
+    return (targets >= 0) & (np.where(targets == 1, probs, 1 - probs) < 0.5)
 
 
 def confident_learning(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
@@ -160,14 +179,16 @@ def confident_learning(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nda
     Returns:
         ``(score, flagged, (t0, t1))``: per label the issue score in [0, 1] (higher = more likely wrong),
         whether the other class is confidently predicted, and the per-class thresholds.
+
+    The score is one minus the self-confidence, ``1 - p(given label)``, without the per-class threshold
+    adjustment: the probe is fitted with balanced class weights, so its probabilities hold no class prior
+    to correct for (on clipart with 10 % flips the adjustment lowered the AUROC; docs/audit.md).
     """
     y = y.astype(int)
     pp = np.stack([1 - p, p], 1).astype(np.float64)  # (n, 2): probability of each class
     t = np.array([pp[y == k, k].mean() if (y == k).any() else 1.0 for k in (0, 1)])  # mean self-confidence
-    adjusted = pp - t + t.max()  # subtract each class's threshold, as confident learning does for imbalance
-    adjusted /= adjusted.sum(1, keepdims=True)
-    score = 1 - adjusted[np.arange(len(y)), y]
     rows, other = np.arange(len(y)), 1 - y
+    score = 1 - pp[rows, y]
     confident = pp >= t  # (n, 2): classes predicted at or above their threshold
     # The confident joint counts a label under the most probable confident class; off its diagonal it is
     # flagged: the other class is confident, and more probable than the given one if both are.
@@ -189,7 +210,7 @@ def score_labels(names: Sequence[str], targets: np.ndarray, probs: np.ndarray, a
         settings: recorded in the result.
     """
     conflicts = conflicting_duplicates(names, targets, attributes, dup_groups)
-    in_conflict = {(names[i], a) for g in conflicts for i in g["rows"] for a in g["conflicting"]
+    in_conflict = {(names[i], a): g["kind"] for g in conflicts for i in g["rows"] for a in g["conflicting"]
                    if targets[i, list(attributes).index(a)] >= 0}
     signal_rows, cells = {}, []
     for j, a in enumerate(attributes):
@@ -198,13 +219,15 @@ def score_labels(names: Sequence[str], targets: np.ndarray, probs: np.ndarray, a
         row = _signal_row(y, p, n_boot, seed)
         score, flagged = (confident_learning(y, p)[:2] if 0 < y.sum() < len(y)
                           else (np.full(len(y), np.nan), np.zeros(len(y), bool)))
+        flagged &= row["signal"]  # without signal a "confident" prediction means nothing: nothing is flagged
         row["n_flagged"] = int(flagged.sum())
         signal_rows[a] = row
         for i, yi, pi, si, fi in zip(known, y, p, score, flagged):
-            dup = (names[i], a) in in_conflict
+            copies = in_conflict.get((names[i], a), "")
             cells.append({"image": names[i], "attribute": a, "label": int(yi), "probability": float(pi),
-                          "score": DUPLICATE_SCORE if dup else float(si), "model_score": float(si),
-                          "flagged": bool(fi) or dup, "signal": row["signal"], "duplicate": dup})
+                          "score": DUPLICATE_SCORE[copies] if copies else float(si), "model_score": float(si),
+                          "flagged": bool(fi) or bool(copies), "signal": row["signal"], "duplicate": bool(copies),
+                          "copies": copies})
     for g in conflicts:
         del g["rows"]
     return AuditResult(list(attributes), list(names), targets, probs,
@@ -212,7 +235,8 @@ def score_labels(names: Sequence[str], targets: np.ndarray, probs: np.ndarray, a
                        conflicts, settings or {})
 
 
-_CELL_COLUMNS = ["image", "attribute", "label", "probability", "score", "model_score", "flagged", "signal", "duplicate"]
+_CELL_COLUMNS = ["image", "attribute", "label", "probability", "score", "model_score", "flagged", "signal", "duplicate",
+                 "copies"]
 
 
 def _signal_row(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> dict:

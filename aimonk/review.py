@@ -78,7 +78,11 @@ class LabelReview:
                  "new": "dropped" if action == "drop" else label_token(_apply(old, action)),
                  "labels": str(self.source), "labels_sha256": self.sha256, **context}
         self.log.append(entry)
-        self._write()
+        try:
+            self._write()
+        except BaseException:
+            self.log.pop()  # what is in memory stays what is on disk
+            raise
         return entry
 
     def decided(self) -> dict[tuple[str, str | None], str]:

@@ -97,7 +97,7 @@ class ReviewPanel(widgets.VBox):
             self.review.decide(row["image"], None if action == "drop" else row["attribute"], action,
                                attribute_shown=row["attribute"], score=round(float(row["score"]), 4),
                                probability=round(float(row["probability"]), 4),
-                               reason="conflicting duplicate" if row["duplicate"] else "confident learning")
+                               reason=f"{row['copies']} copies disagree" if row["duplicate"] else "confident learning")
         except (ReviewError, WriteError, OSError) as e:  # shown in the panel; nothing is lost, nothing advances
             self.status.value = f"<span style='color:{ERROR_COLOR}'><b>Not saved: {html.escape(str(e))}</b></span>"
             return
@@ -125,8 +125,10 @@ def _gate_html(result: AuditResult) -> str:
 
 def _suspect_html(row: dict, decided: dict) -> str:
     label = {1: "present (1)", 0: "absent (0)"}[int(row["label"])]
-    why = ("copies of this image disagree on this attribute" if row["duplicate"]
-           else f"the model gives it p = {row['probability']:.2f} out of sample")
+    why = {"identical": "byte-identical copies of this image disagree on this attribute",
+           "near-identical": "near-identical images (perceptual hash) disagree on this attribute: check that "
+                             "they show the same item"}.get(row.get("copies") or "",
+                                                            f"the model gives it p = {row['probability']:.2f} out of sample")
     done = decided.get((row["image"], row["attribute"])) or decided.get((row["image"], None))
     return (f"<b>{html.escape(row['image'])}</b> &middot; {html.escape(row['attribute'])} labelled <b>{label}</b><br>"
             f"<span style='color:#666'>{why}; issue score {row['model_score']:.2f}"

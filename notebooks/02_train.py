@@ -35,6 +35,7 @@
 
 # %% tags=["parameters"]
 data_dir: str = "data/sample"  # folder with labels.txt and images/ (relative paths start at the repository root)
+labels: str = ""  # labels file instead of data_dir/labels.txt, e.g. reports/audit/labels.reviewed.txt from 05_audit
 out_dir: str = ""  # where model.pth and split.json go ("" means models/)
 recipe: str = "pretrained"  # "pretrained" (best measured, EfficientNet-Lite0) or "original" (the seed recipe, ResNet18)
 epochs: int = None  # passes over the training set (None: the recipe's, 12 pretrained / 20 original)
@@ -71,7 +72,8 @@ overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_s
                  probe_backbones=probe_backbones)
 cfg = recipe_config(
     recipe, **{k: v for k, v in overrides.items() if v is not None},
-    data_dir=str(config.resolve_path(data_dir)), out=str(model_path), weights=weights, seed=seed,
+    data_dir=str(config.resolve_path(data_dir)), labels=str(config.resolve_path(labels)) if labels else "",
+    out=str(model_path), weights=weights, seed=seed,
     val_fraction=val_fraction,
 )
 pd.Series(asdict(cfg), name="value").to_frame()

@@ -16,6 +16,7 @@
 # %% tags=["parameters"]
 data_dir: str = "data/sample"  # the folder 02_train trained on (labels.txt and images/)
 out_dir: str = ""  # where 02_train wrote model.pth and split.json ("" means models/)
+labels: str = ""  # the labels file 02_train read ("" for the one split.json records, else data_dir/labels.txt)
 n_boot: int = 1000  # bootstrap resamples for the ROC-AUC confidence interval
 n_perm: int = 200  # label shuffles for the chance reference
 seed: int = 0  # seeds the bootstrap and the shuffles
@@ -51,7 +52,8 @@ pd.Series({"model": str(model_path), "data": str(data_path), "validation images"
 # then the out-of-fold ones stored at training time, from probes fitted without the image scored.
 
 # %%
-targets, probs, names, predictor = validation_scores(model_path, data_path, split["val"])
+labels_path = config.resolve_path(labels) if labels else (split.get("labels") or None)
+targets, probs, names, predictor = validation_scores(model_path, data_path, split["val"], labels=labels_path)
 attributes = predictor.attributes
 pd.DataFrame(probs, index=pd.Index(names, name="image"), columns=attributes).describe().round(3)
 
