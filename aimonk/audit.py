@@ -37,6 +37,7 @@ from aimonk.explore import label_token
 from aimonk.features import DEFAULT_BACKBONES, frozen_features
 from aimonk.metrics import bootstrap_auc, has_signal, verdict
 from aimonk.probe import PROBE_C_DEFAULT, logistic_probabilities
+from aimonk.progress import tqdm
 
 AUDIT_FOLDS = 5  # cross-fitting folds: each image is scored by a probe fitted on the other 4/5
 AUDIT_C = PROBE_C_DEFAULT  # fixed, not tuned on the audited labels, so the signal gate stays honest
@@ -135,7 +136,7 @@ def audit(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None,
     feats, ok = frozen_features(index.paths, backbones, image_size, digests, cache_dir, progress=progress)
     names = [index.table.names[i] for i in ok]
     targets, groups = index.table.targets[ok], [digests[i] for i in ok]
-    probs = cross_fitted_probabilities(feats, targets, groups, n_folds, C, seed)
+    probs = cross_fitted_probabilities(feats, targets, groups, n_folds, C, seed, progress=progress)
     images = DecodedCache([index.paths[i] for i in ok], image_size, cache_dir, digests=groups, progress=False)
     dup_groups = duplicate_groups(groups, perceptual_hashes(images), near_bits)
     settings = {"data": str(data_dir), "labels": str(index.table.source), "labels_sha256": file_digest(index.table.source),
@@ -145,7 +146,8 @@ def audit(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None,
 
 
 def cross_fitted_probabilities(feats: np.ndarray, targets: np.ndarray, groups: Sequence[str], n_folds: int = AUDIT_FOLDS,
-                               C: float = AUDIT_C, seed: int = 0, rounds: int = AUDIT_ROUNDS) -> np.ndarray:
+                               C: float = AUDIT_C, seed: int = 0, rounds: int = AUDIT_ROUNDS,
+                               progress: bool = False) -> np.ndarray:
     """Out-of-sample probabilities (N, A): each fold (grouped by ``groups``, stratified) scored by a probe
     fitted on the other folds; NA labels are left out of each attribute's fit.
 
@@ -154,7 +156,7 @@ def cross_fitted_probabilities(feats: np.ndarray, targets: np.ndarray, groups: S
     (so the held-out fold never influences what is left out), and set to NA for the fit.
     """
     probs = np.full(targets.shape, 0.5, np.float32)
-    for held in make_folds(targets, groups, n_folds, seed):
+    for held in tqdm(make_folds(targets, groups, n_folds, seed), desc="cross-fitting probes", disable=not progress):
         rest = np.setdiff1d(np.arange(len(targets)), held)
         fit_targets = targets[rest]
         if rounds > 1:

@@ -102,6 +102,23 @@ def real_label_section(result: AuditResult) -> dict:
             "top_suspects": json.loads(top.to_json(orient="records"))}
 
 
+REVIEW_VERDICTS = {"flip": "real tagging error", "na": "ambiguous", "drop": "real tagging error", "keep": "label right"}
+
+
+def manual_review(top_suspects: list[dict], log_path: str) -> dict:
+    """Count a person's verdicts on the top suspects from a review log (``review.LabelReview``): flip or
+    drop = the label was wrong, na = ambiguous, keep = the label was right. Suspects without a decision are
+    counted as not reviewed."""
+    decided = {}
+    for line in open(log_path, encoding="utf-8"):
+        if line.strip():
+            e = json.loads(line)
+            decided[(e["image"], e["attribute"])] = e["action"]
+    verdicts = [REVIEW_VERDICTS.get(decided.get((t["image"], t["attribute"])), "not reviewed") for t in top_suspects]
+    return {"log": log_path, "suspects": len(top_suspects),
+            **{v: verdicts.count(v) for v in ["real tagging error", "ambiguous", "label right", "not reviewed"]}}
+
+
 def run(data_dir: str, noise: float, seed: int, folds: int) -> dict:
     """The benchmark record (without the run description)."""
     real = audit(data_dir, seed=seed)
@@ -129,11 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.1, help="share of known labels flipped at random (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the flips and the folds")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds of the cleaning experiment")
+    p.add_argument("--review-log", default=None,
+                   help="a review_log.jsonl with a person's decisions on the top suspects of the real labels "
+                        "(flip/drop = wrong label, na = ambiguous, keep = right); counted into the record")
     p.add_argument("--json", default=None, help="write the record to this JSON file")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     start, info = time.perf_counter(), run_info("audit", argv)
-    record = {**run(a.data, a.noise, a.seed, a.folds)}
+    record = run(a.data, a.noise, a.seed, a.folds)
+    if a.review_log:
+        record["real"]["manual_review"] = manual_review(record["real"]["top_suspects"], a.review_log)
     info["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
     record["run"] = info
     if "synthetic" in record:

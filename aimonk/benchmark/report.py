@@ -2,7 +2,7 @@
 
 ``python -m aimonk.benchmark report [--dir reports/benchmarks] [--check]``
 
-Every ``*.json`` under the folder was written by ``python -m aimonk.benchmark speed|quality --json``.
+Every ``*.json`` under the folder was written by ``python -m aimonk.benchmark speed|quality|audit --json``.
 This command writes a short markdown table beside each (same name, ``.md``) and the summary table
 ``summary.md`` that the README quotes. Nobody edits those files: rerun a benchmark, then this command.
 ``--check`` writes nothing and fails when a committed markdown file differs from what it would write.
@@ -206,6 +206,56 @@ def render_quality(record: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_audit(record: dict, source: str) -> str:
+    """The markdown beside an audit JSON: the signal gate, conflicting copies, synthetic flips, cleaning."""
+    real = record["real"]
+    lines = [GENERATED.format(source=source), "", f"# Label audit: `{record['data']}`", "", *_run_lines(record),
+             f"- audit: probe on frozen {' + '.join(record['settings']['backbones'])} features, "
+             f"{record['settings']['folds']}-fold nested cross-fitting, C {record['settings']['C']}", "",
+             f"## The folder's own labels ({real['n_images']} images, {real['n_known']} known labels)", "",
+             "| attribute | known | positive | out-of-sample AUC (95% CI) | audited | flagged |", "|---|---|---|---|---|---|"]
+    for a, g in real["signal"].items():
+        auc = "n/a" if g["auc"] is None else f"{g['auc']:.3f} ({g['auc_lo']:.3f}-{g['auc_hi']:.3f})"
+        audited = "yes" if g["signal"] else "**no**: no signal, labels cannot be judged"
+        lines.append(f"| {a} | {g['n_known']} | {g['n_positive']} | {auc} | {audited} | {g['n_flagged']} |")
+    if "manual_review" in real:
+        m = real["manual_review"]
+        lines += ["", f"The top {m['suspects']} suspects, looked at by a person (`{m['log']}`): "
+                  f"{m['real tagging error']} real tagging errors, {m['ambiguous']} ambiguous, "
+                  f"{m['label right']} labels right (the model was wrong), {m['not reviewed']} not reviewed."]
+    kinds = [d["kind"] for d in real["duplicates"]]
+    lines += ["", f"Copies whose known labels disagree: {kinds.count('identical')} byte-identical group(s), "
+              f"{kinds.count('near-identical')} near-identical (perceptual hash) group(s)."]
+    if "synthetic" in record:
+        s = record["synthetic"]
+        per = ", ".join(f"{a} {v:.3f}" for a, v in s["auroc_per_attribute"].items())
+        lines += ["", f"## Synthetic noise: {record['noise']:.0%} of the known labels flipped (seed {record['seed']})", "",
+                  "| flipped | scored | AUROC | precision@50 | precision@100 | flagged | flagged precision | flagged recall |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {s['n_flipped']} | {s['n_scored']} | {s['auroc']:.3f} | {s['precision_at_50']:.2f} | "
+                  f"{s['precision_at_100']:.2f} | {s['n_flagged']} | {s['flagged_precision']:.2f} | "
+                  f"{s['flagged_recall']:.2f} |", "", f"AUROC per attribute: {per}."]
+        lines += _cleaning_lines(record["cleaning"])
+    return "\n".join(lines) + "\n"
+
+
+def cleaning_summary(cleaning: dict) -> dict[str, tuple[float, float, list[float]]]:
+    """Per training-label condition: mean and std of the held-out macro AP across folds, and the per-fold values."""
+    by: dict[str, list[float]] = {}
+    for row in sorted(cleaning["rows"], key=lambda r: r["fold"]):
+        by.setdefault(row["labels"], []).append(row["macro_ap"])
+    return {k: (*_mean_std(v), v) for k, v in by.items()}
+
+
+def _cleaning_lines(cleaning: dict) -> list[str]:
+    lines = ["", f"## Does cleaning help? {cleaning['folds']}-fold CV, held-out macro AP against the true labels", "",
+             "Each fold's training part is audited on its noisy labels; a probe on the same features is then "
+             "trained per condition.", "", "| training labels | held-out macro AP | per fold |", "|---|---|---|"]
+    for k, (m, sd, per) in cleaning_summary(cleaning).items():
+        lines.append(f"| {k} | {_pm(m, sd, len(per))} | {' / '.join(f'{a:.3f}' for a in per)} |")
+    return lines
+
+
 def render_speed(record: dict, source: str) -> str:
     """The markdown beside a speed JSON: the run, then original against project per figure."""
     cfg, o, p = record["config"], record["original"], record["project"]
@@ -240,6 +290,8 @@ def _busy(record: dict) -> bool:
 def _glance_rows(name: str, record: dict) -> list[str]:
     md = Path(name).with_suffix(".md").name
     link = f"[{md}](reports/benchmarks/{md})"
+    if record["benchmark"] == "audit":
+        return [_audit_glance(record, link)]
     if record["benchmark"] == "quality":
         summary = quality_summary(record)
         majority = next((s for s in summary if s["recipe"] == "majority"), None)
@@ -273,6 +325,25 @@ def _glance_rows(name: str, record: dict) -> list[str]:
             f"the original loop, in turns | {note} | {link} |"]
 
 
+def _audit_glance(record: dict, link: str) -> str:
+    real = record["real"]
+    audited = [a for a, g in real["signal"].items() if g["signal"]]
+    gate = (f"audited: {', '.join(audited)}" if audited else "**no signal**: no attribute audited") + \
+        f"; {len(real['duplicates'])} conflicting copy group(s)"
+    if "manual_review" in real:
+        m = real["manual_review"]
+        gate += f"; own top {m['suspects']} by eye: {m['real tagging error']} real errors, {m['ambiguous']} ambiguous"
+    if "synthetic" not in record:
+        return f"| label audit | `{record['data']}` | {gate} | | own labels only | {link} |"
+    s = record["synthetic"]
+    clean = cleaning_summary(record["cleaning"])
+    best = max((k for k in clean if k not in ("noisy", "true labels (ceiling)")), key=lambda k: clean[k][0])
+    return (f"| label audit, {record['noise']:.0%} labels flipped | `{record['data']}` | AUROC {s['auroc']:.3f}, "
+            f"precision@50 {s['precision_at_50']:.2f}, @100 {s['precision_at_100']:.2f}; held-out AP "
+            f"{clean['noisy'][0]:.3f} noisy → {clean[best][0]:.3f} ({best}) | true labels AP "
+            f"{clean['true labels (ceiling)'][0]:.3f} | {gate} | {link} |")
+
+
 def render_glance(records: dict[str, dict]) -> str:
     """The README's "results at a glance" table: one or more rows per benchmark JSON, sorted by file name."""
     lines = ["| benchmark | data | result | against | verdict / setup | source |", "|---|---|---|---|---|---|"]
@@ -290,7 +361,7 @@ def load_records(folder: Path) -> dict[str, dict]:
     records: dict[str, dict] = {}
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
-        if not isinstance(record, dict) or record.get("benchmark") not in ("speed", "quality") or "run" not in record:
+        if not isinstance(record, dict) or record.get("benchmark") not in RENDERERS or "run" not in record:
             raise ValueError(f"{path}: not a benchmark record (no 'benchmark' and 'run' keys); "
                              "rerun the benchmark with --json")
         part = re.fullmatch(r"(.+)_fold\d+\.json", path.name)
@@ -320,7 +391,7 @@ def render_all(folder: Path, readme: Path | None = None) -> dict[Path, str]:
     records = load_records(folder)
     out = {}
     for name, record in records.items():
-        render = render_quality if record["benchmark"] == "quality" else render_speed
+        render = RENDERERS[record["benchmark"]]
         out[folder / Path(name).with_suffix(".md").name] = render(record, ", ".join(record["sources"]))
     glance = render_glance(records)
     out[folder / "summary.md"] = (GENERATED.format(source="*.json") + "\n\n# Results at a glance\n\n"
@@ -332,6 +403,9 @@ def render_all(folder: Path, readme: Path | None = None) -> dict[Path, str]:
             raise ValueError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' block to fill")
         out[readme] = text[:start + len(README_BEGIN)] + "\n" + glance + text[end:]
     return out
+
+
+RENDERERS = {"quality": render_quality, "speed": render_speed, "audit": render_audit}
 
 
 def orphan_tables(folder: Path, files: dict[Path, str]) -> list[Path]:
