@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-NOTEBOOKS := 01_explore 02_train 03_evaluate 04_infer
+NOTEBOOKS := 01_explore 02_train 03_evaluate 04_infer 05_audit
 DATA ?= data/sample
 PAPERMILL_ARGS ?=
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install the project with all extras (idempotent)
 
-reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-04 into reports/ (DATA=dir, PAPERMILL_ARGS="-p epochs 5")
+reports: $(STAMP) ## THE MAIN JOB: run notebooks 01-05 into reports/ (DATA=dir, PAPERMILL_ARGS="-p epochs 5")
 	$(PY) -m aimonk.run_notebooks --data $(DATA) --output-dir reports $(PAPERMILL_ARGS) $(NOTEBOOKS)
 	@echo "Done: reports/*.ipynb, reports/figures/, models/model.pth"
 

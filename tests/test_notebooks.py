@@ -30,7 +30,7 @@ def cells(nb) -> list[tuple[str, str, list[str]]]:
 
 
 def test_every_notebook_has_its_py_and_every_py_its_notebook():
-    assert [p.stem for p in NOTEBOOKS] == ["01_explore", "02_train", "03_evaluate", "04_infer"]
+    assert [p.stem for p in NOTEBOOKS] == ["01_explore", "02_train", "03_evaluate", "04_infer", "05_audit"]
     assert sorted(p.stem for p in NOTEBOOKS_DIR.glob("*.py")) == [p.stem for p in NOTEBOOKS]
 
 

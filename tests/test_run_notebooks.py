@@ -24,8 +24,8 @@ def tiny_notebook(path: Path, *sources: str) -> Path:
     return path
 
 
-def test_find_notebooks_default_is_the_numbered_four_in_order():
-    assert [nb.stem for nb in find_notebooks()] == ["01_explore", "02_train", "03_evaluate", "04_infer"]
+def test_find_notebooks_default_is_the_numbered_five_in_order():
+    assert [nb.stem for nb in find_notebooks()] == ["01_explore", "02_train", "03_evaluate", "04_infer", "05_audit"]
     assert find_notebooks(["02_train"]) == [config.PROJECT_ROOT / "notebooks" / "02_train.ipynb"]
     with pytest.raises(FileNotFoundError, match="02_trian"):
         find_notebooks(["02_trian"])
@@ -52,6 +52,7 @@ def test_each_notebook_gets_only_the_parameters_it_declares():
     assert by_stem["01_explore"] == {"data_dir": "data/sample"}
     assert by_stem["02_train"] == {"data_dir": "data/sample", "epochs": 2}
     assert by_stem["03_evaluate"] == {"data_dir": "data/sample", "n_boot": 10}
+    assert by_stem["05_audit"] == {"data_dir": "data/sample"}
 
 
 @pytest.mark.parametrize("text, type_name, value", [

@@ -235,6 +235,9 @@ def render_audit(record: dict, source: str) -> str:
                   f"| {s['n_flipped']} | {s['n_scored']} | {s['auroc']:.3f} | {s['precision_at_50']:.2f} | "
                   f"{s['precision_at_100']:.2f} | {s['n_flagged']} | {s['flagged_precision']:.2f} | "
                   f"{s['flagged_recall']:.2f} |", "", f"AUROC per attribute: {per}."]
+        if "ablations_auroc" in s:
+            lines += ["", "Variants (AUROC): " + ", ".join(f"{k} {v:.3f}" for k, v in s["ablations_auroc"].items())
+                      + f"; the audit's default (two nested rounds, plain self-confidence) {s['auroc']:.3f}."]
         lines += _cleaning_lines(record["cleaning"])
     return "\n".join(lines) + "\n"
 
