@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aimonk.audit import score_labels
-from aimonk.data import parse_labels
+from aimonk.data import file_digest, parse_labels
 from aimonk.review import LabelReview, ReviewError, format_labels
 from aimonk.review_panel import ReviewPanel
 from helpers import sample_subset
@@ -137,3 +137,32 @@ def test_panel_reports_a_failed_save_and_stays(data, tmp_path, monkeypatch):
     monkeypatch.setattr("aimonk.review.atomic_write_text", disk_full)
     panel.buttons["keep"].click()
     assert panel.i == 0 and "Not saved" in panel.status.value and "No space left" in panel.status.value
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_read_the_reviewed_labels(data, tmp_path, capsys):
+    from aimonk.checkpoint import load_checkpoint
+    from aimonk.cli import main
+    from aimonk.data import load_split
+    from aimonk.evaluate import score_folder
+    from aimonk.train import train
+    from helpers import tiny_config
+
+    table = parse_labels(data / "labels.txt")
+    review = LabelReview(data / "labels.txt", tmp_path / "review")
+    review.decide(table.names[0], None, "drop")
+    review.decide(table.names[1], "Attr1", "na")
+    cfg = tiny_config(data, tmp_path / "model.pth", tmp_path / "cache", labels=str(review.reviewed_path),
+                      val_fraction=0.25)
+    result = train(cfg)
+    split = load_split(tmp_path / "split.json")
+    assert table.names[0] not in split["train"] + split["val"]  # the dropped image is not trained on
+    assert split["labels"] == str(review.reviewed_path)
+    meta = load_checkpoint(result.checkpoint)[1]
+    assert meta.data["labels"] == str(review.reviewed_path)
+    assert meta.data["labels_sha256"] == file_digest(review.reviewed_path)
+    targets, _, names, _ = score_folder(result.checkpoint, data, labels=review.reviewed_path)
+    assert table.names[0] not in names and targets[names.index(table.names[1]), 0] == -1
+    assert main(["evaluate", "--model", str(result.checkpoint), "--data", str(data),
+                 "--labels", str(review.reviewed_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == len(table) - 1
