@@ -61,7 +61,9 @@ def test_render_audit_states_the_gate_and_the_figures():
               "run": {"machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2}, "command": "python -m ...",
                       "date": "2026-12-02", "versions": {"python": "3.11", "torch": "2", "torchvision": "0",
                                                          "aimonk": "0", "git_commit": "abc"}},
-              "real": {"n_images": 3, "n_known": 6, "duplicates": [{"kind": "identical"}], "top_suspects": [],
+              "real": {"n_images": 3, "n_known": 6, "top_suspects": [],
+                       "duplicates": [{"kind": "identical", "labels": {"a.jpg": ["1"], "b.jpg": ["0"]},
+                                       "conflicting": ["A"]}],
                        "signal": {"A": {"n_known": 3, "n_positive": 1, "auc": 0.5, "auc_lo": 0.4, "auc_hi": 0.6,
                                         "signal": False, "n_flagged": 0}}},
               "synthetic": {"n_flipped": 1, "n_scored": 6, "auroc": 0.95, "precision_at_50": 0.5,
@@ -70,4 +72,5 @@ def test_render_audit_states_the_gate_and_the_figures():
               "cleaning": {"folds": 1, "rows": [{"fold": 0, "labels": "noisy", "macro_ap": 0.7}]}}
     text = render_audit(record, "x.json")
     assert "no signal, labels cannot be judged" in text and "| 1 | 6 | 0.950 |" in text
+    assert "1 byte-identical group(s)" in text and "| identical | a.jpg (1); b.jpg (0) | A |" in text
     assert "1 byte-identical group(s)" in text and "one round 0.900" in text and "| noisy | 0.700 |" in text

@@ -226,6 +226,11 @@ def render_audit(record: dict, source: str) -> str:
     kinds = [d["kind"] for d in real["duplicates"]]
     lines += ["", f"Copies whose known labels disagree: {kinds.count('identical')} byte-identical group(s), "
               f"{kinds.count('near-identical')} near-identical (perceptual hash) group(s)."]
+    if real["duplicates"]:
+        lines += ["", "| copies | images (labels) | disagree on |", "|---|---|---|"]
+        for d in sorted(real["duplicates"], key=lambda d: d["kind"]):
+            shown = "; ".join(f"{n} ({' '.join(t)})" for n, t in d["labels"].items())
+            lines.append(f"| {d['kind']} | {shown} | {', '.join(d['conflicting'])} |")
     if "synthetic" in record:
         s = record["synthetic"]
         per = ", ".join(f"{a} {v:.3f}" for a, v in s["auroc_per_attribute"].items())
