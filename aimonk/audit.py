@@ -20,12 +20,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import imagehash
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -33,11 +35,13 @@ from sklearn.metrics import roc_auc_score
 
 from aimonk.cache import DecodedCache
 from aimonk.data import file_digest, index_dataset, make_folds
+from aimonk.evaluate import score_folder
 from aimonk.explore import label_token
 from aimonk.features import DEFAULT_BACKBONES, frozen_features
 from aimonk.metrics import bootstrap_auc, has_signal, verdict
 from aimonk.probe import PROBE_C_DEFAULT, logistic_probabilities
 from aimonk.progress import tqdm
+from aimonk.train import recipe_config, train
 
 AUDIT_FOLDS = 5  # cross-fitting folds: each image is scored by a probe fitted on the other 4/5
 AUDIT_C = PROBE_C_DEFAULT  # fixed, not tuned on the audited labels, so the signal gate stays honest
@@ -114,7 +118,8 @@ def _plain(row: dict) -> dict:
 def audit(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None,
           backbones: Sequence[str] = DEFAULT_BACKBONES, image_size: int = 224, n_folds: int = AUDIT_FOLDS,
           C: float = AUDIT_C, seed: int = 0, near_bits: int = NEAR_DUPLICATE_BITS,
-          cache_dir: str | os.PathLike | None = None, progress: bool = True) -> AuditResult:
+          cache_dir: str | os.PathLike | None = None, progress: bool = True, method: str = "probe",
+          recipe: str = "pretrained", train_overrides: dict | None = None) -> AuditResult:
     """Audit the known labels of a data folder.
 
     Args:
@@ -128,21 +133,53 @@ def audit(data_dir: str | os.PathLike, labels: str | os.PathLike | None = None,
         near_bits: perceptual-hash distance (bits of 64) within which images count as near-identical.
         cache_dir: cache root for decoded images and features.
         progress: show progress bars.
+        method: ``"probe"`` (the default: seconds per fold once the features are cached) or ``"finetune"``
+            (one training of ``recipe`` per fold: the slow option).
+        recipe: the training recipe of ``method="finetune"``, with ``train_overrides`` on top.
     Returns:
         An ``AuditResult``.
     """
+    if method not in ("probe", "finetune"):
+        raise ValueError(f"method must be 'probe' or 'finetune', got {method!r}")
     index = index_dataset(data_dir, labels_file=labels)
     digests = [file_digest(p) for p in index.paths]
-    feats, ok = frozen_features(index.paths, backbones, image_size, digests, cache_dir, progress=progress)
-    names = [index.table.names[i] for i in ok]
-    targets, groups = index.table.targets[ok], [digests[i] for i in ok]
-    probs = cross_fitted_probabilities(feats, targets, groups, n_folds, C, seed, progress=progress)
-    images = DecodedCache([index.paths[i] for i in ok], image_size, cache_dir, digests=groups, progress=False)
-    dup_groups = duplicate_groups(groups, perceptual_hashes(images), near_bits)
+    images = DecodedCache(index.paths, image_size, cache_dir, digests=digests, progress=progress)
+    ok = images.ok
+    names, targets, groups = [index.table.names[i] for i in ok], index.table.targets[ok], [digests[i] for i in ok]
+    if method == "probe":
+        feats, _ = frozen_features([index.paths[i] for i in ok], backbones, image_size, groups, cache_dir,
+                                   progress=progress)
+        probs = cross_fitted_probabilities(feats, targets, groups, n_folds, C, seed, progress=progress)
+    else:
+        probs = finetuned_probabilities(data_dir, index.table.source, names, targets, groups, n_folds, seed, recipe,
+                                        train_overrides, progress)
+    dup_groups = duplicate_groups(groups, perceptual_hashes(torch.utils.data.Subset(images, ok)), near_bits)
     settings = {"data": str(data_dir), "labels": str(index.table.source), "labels_sha256": file_digest(index.table.source),
-                "backbones": list(backbones), "image_size": image_size, "folds": n_folds, "C": C, "seed": seed,
-                "near_duplicate_bits": near_bits}
+                "method": method, "backbones": list(backbones) if method == "probe" else [],
+                "recipe": recipe if method == "finetune" else None, "image_size": image_size, "folds": n_folds,
+                "C": C, "seed": seed, "near_duplicate_bits": near_bits}
     return score_labels(names, targets, probs, index.attributes, dup_groups, settings)
+
+
+def finetuned_probabilities(data_dir: str | os.PathLike, labels: str | os.PathLike, names: Sequence[str],
+                            targets: np.ndarray, groups: Sequence[str], n_folds: int, seed: int = 0,
+                            recipe: str = "pretrained", overrides: dict | None = None,
+                            progress: bool = True) -> np.ndarray:
+    """Out-of-sample probabilities (N, A) from fine-tuned networks: per fold (grouped, stratified), ``recipe``
+    is trained on the other folds (with its own validation split) and scores the fold. The slow option:
+    ``n_folds`` trainings."""
+    probs = np.full(targets.shape, 0.5, np.float32)
+    row = {n: i for i, n in enumerate(names)}
+    with tempfile.TemporaryDirectory(prefix="aimonk-audit-") as work:
+        for k, held in enumerate(make_folds(targets, groups, n_folds, seed)):
+            rest = np.setdiff1d(np.arange(len(names)), held)
+            cfg = recipe_config(recipe, **{**(overrides or {}), "data_dir": str(data_dir), "labels": str(labels),
+                                           "out": os.path.join(work, f"fold{k}.pth"), "loss_plot": "", "seed": seed,
+                                           "progress": progress})
+            result = train(cfg, names=[names[i] for i in rest])
+            _, p, scored, _ = score_folder(result.checkpoint, data_dir, names=[names[i] for i in held], labels=labels)
+            probs[[row[n] for n in scored]] = p
+    return probs
 
 
 def cross_fitted_probabilities(feats: np.ndarray, targets: np.ndarray, groups: Sequence[str], n_folds: int = AUDIT_FOLDS,
@@ -269,13 +306,12 @@ def conflicting_duplicates(names: Sequence[str], targets: np.ndarray, attributes
     return out
 
 
-def perceptual_hashes(images: DecodedCache) -> np.ndarray:
-    """The 64-bit DCT perceptual hash (``imagehash.phash``) of each decoded image, as uint64 (N,)."""
+def perceptual_hashes(images) -> np.ndarray:
+    """The 64-bit DCT perceptual hash (``imagehash.phash``) of each decoded uint8 (3, S, S) image, as uint64 (N,)."""
     hashes = np.zeros(len(images), np.uint64)
     for i in range(len(images)):
-        if i not in images.failed:
-            h = imagehash.phash(Image.fromarray(np.asarray(images[i]).transpose(1, 2, 0)))
-            hashes[i] = np.uint64(int(str(h), 16))
+        h = imagehash.phash(Image.fromarray(np.asarray(images[i]).transpose(1, 2, 0)))
+        hashes[i] = np.uint64(int(str(h), 16))
     return hashes
 
 

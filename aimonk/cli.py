@@ -128,7 +128,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_audit(a: argparse.Namespace) -> int:
     backbones = [b.strip() for b in a.backbones.split(",") if b.strip()]
-    result = audit(a.data, a.labels, backbones, a.image_size, a.folds, seed=a.seed, near_bits=a.near_bits)
+    result = audit(a.data, a.labels, backbones, a.image_size, a.folds, seed=a.seed, near_bits=a.near_bits,
+                   method=a.method, recipe=a.recipe)
     if a.json:
         print(json.dumps(result.to_json(a.top), indent=1))
         return 0
@@ -140,8 +141,10 @@ def audit_text(result: AuditResult, top: int) -> str:
     """The audit for a terminal: the signal gate, the conflicting duplicates and the top suspects."""
     s = result.settings
     known = int((result.targets >= 0).sum())
+    source = (f"a probe on frozen {' + '.join(s['backbones'])} features" if s["method"] == "probe"
+              else f"the fine-tuned {s['recipe']} recipe")
     lines = [f"Label audit of {s['labels']}: {len(result.names)} images, {known} known labels; out-of-sample "
-             f"scores from a probe on frozen {' + '.join(s['backbones'])} features, {s['folds']}-fold cross-fitted",
+             f"scores from {source}, {s['folds']}-fold cross-fitted",
              "", "Signal gate (out-of-sample AUC; audited only where its 95% interval is above 0.5):",
              result.signal[["n_known", "n_positive", "auc", "auc_lo", "auc_hi", "signal", "n_flagged"]]
              .round(3).to_string(), "", result.summary(), ""]
@@ -190,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--labels", default=None, help="labels file to audit instead of DATA/labels.txt")
     u.add_argument("--top", type=int, default=20, help="suspects to list (default: %(default)s)")
     u.add_argument("--json", action="store_true", help="print the whole audit as JSON (see docs/audit.md)")
+    u.add_argument("--method", choices=["probe", "finetune"], default="probe",
+                   help="probe: logistic regression on cached frozen features, seconds per fold (default); "
+                        "finetune: one training of --recipe per fold, the slow option")
+    u.add_argument("--recipe", choices=list(RECIPES), default="pretrained", help="the recipe of --method finetune")
     u.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
                    help="frozen networks whose features the probe reads (default: %(default)s)")
     u.add_argument("--image-size", type=int, default=224, help="network input size (default: %(default)s)")

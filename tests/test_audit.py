@@ -153,3 +153,16 @@ def test_cli_audit_json_and_text(tmp_path, capsys):
 def test_cli_audit_bad_folder_is_one_line(tmp_path, capsys):
     assert main(["audit", "--data", str(tmp_path / "nowhere")]) == 1
     assert "data folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_slow_option_scores_each_fold_with_a_network_trained_without_it(tmp_path):
+    data = sample_subset(tmp_path / "data", 30)
+    tiny = dict(epochs=1, batch_size=8, image_size=32, weights="none", precision="fp32", device="cpu",
+                probe_ensemble=False, tta=False, keep_best=False, head_init="random", val_fraction=0.2,
+                cache_dir=str(tmp_path / "cache"))
+    result = audit(data, n_folds=3, method="finetune", recipe="pretrained", train_overrides=tiny,
+                   cache_dir=tmp_path / "cache", image_size=32, progress=False)
+    assert result.settings["method"] == "finetune" and result.settings["backbones"] == []
+    assert len(result.names) == 30 and not np.isclose(result.probabilities, 0.5).all()  # every fold was scored
+    assert len(result.label_scores) == int((result.targets >= 0).sum())

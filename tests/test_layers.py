@@ -25,12 +25,12 @@ LAYERS = [
     ["aimonk.int8"],
     ["aimonk.inference"],  # the engine: Predictor
     ["aimonk.probe", "aimonk.evaluate", "aimonk.features"],
-    ["aimonk.audit"],  # the label audit (cross-fitted probe, confident learning, duplicates)
     ["aimonk.train.config"],
     ["aimonk.train.loop"],
     ["aimonk.train.resume"],
     ["aimonk.train.run"],
     ["aimonk.train"],
+    ["aimonk.audit"],  # the label audit (cross-fitted probe or fine-tuned networks, confident learning, copies)
     ["aimonk.predict"],  # the public predict()
     ["aimonk.cli", "aimonk.widgets", "aimonk.run_notebooks", "aimonk.benchmark"],  # the CLI and the upload panel
     ["aimonk.app", "aimonk.review_panel"],  # the Streamlit app and the review panel share the upload panel's thumbnail
