@@ -391,7 +391,7 @@ def test_defaults_follow_the_specification():
 def test_config_from_a_dict_refuses_unknown_keys():
     cfg = TrainConfig.from_dict({"epochs": 3, "lr": 0.01})
     assert cfg.epochs == 3 and cfg.lr == 0.01 and cfg.batch_size == 16
-    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['epoch'\]; the settings are: data_dir, out,"):
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['epoch'\]; the settings are: data_dir, labels, out,"):
         TrainConfig.from_dict({"epoch": 5})  # misspelt: never silently ignored
     with pytest.raises(ValueError, match=r"\['epoch'\]"):
         recipe_config(epoch=5)
