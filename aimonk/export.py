@@ -124,15 +124,20 @@ def _validation_names(meta: CheckpointMeta) -> list[str]:
     return list((meta.split or {}).get("val") or [])
 
 
+def training_rows(data: DatasetIndex, meta: CheckpointMeta, n: int) -> list[int]:
+    """Up to ``n`` rows of ``data`` drawn at random (seed 0) from the checkpoint's training images, never
+    from its validation images."""
+    held_out = set(_validation_names(meta))
+    rows = [i for i, name in enumerate(data.table.names) if name not in held_out]
+    return sorted(np.random.default_rng(0).permutation(rows)[:n].tolist())
+
+
 def training_images(data: DatasetIndex | None, meta: CheckpointMeta, n: int) -> torch.Tensor:
-    """Up to ``n`` of the checkpoint's training images (never its validation images), decoded: (n, 3, S, S)."""
+    """Up to ``n`` of the checkpoint's training images (``training_rows``), decoded: (n, 3, S, S)."""
     if data is None:
         raise ValueError("int8 export calibrates on the checkpoint's training images, and its data folder "
                          f"{(meta.data or {}).get('dir')!r} is not there; pass the folder (--data DIR)")
-    held_out = set(_validation_names(meta))
-    rows = [i for i, name in enumerate(data.table.names) if name not in held_out]
-    rows = sorted(np.random.default_rng(0).permutation(rows)[:n].tolist())
-    return torch.stack([decode_uint8(data.paths[i], meta.image_size) for i in rows])
+    return torch.stack([decode_uint8(data.paths[i], meta.image_size) for i in training_rows(data, meta, n)])
 
 
 def parity_set(data: DatasetIndex | None, meta: CheckpointMeta, n: int) -> tuple[torch.Tensor, str]:

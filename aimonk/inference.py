@@ -288,7 +288,7 @@ class Predictor:
             images = probe_images(PARITY_IMAGES, self.image_size).numpy()
             rates = {name: _rate(s.run, images) for name, s in sessions.items()}
             names = [max(rates, key=rates.get)]
-            _report_once(f"{self.path}: runtime auto: {names[0]}; measured img/s: {_rates_text(rates)}")
+            _report_once(art.props["graph_sha256"], f"{self.path}: runtime auto: {names[0]}; measured img/s: {_rates_text(rates)}")
         self.runtime, self.session = names[0], sessions[names[0]]
 
     def _attach_runtime(self, runtime: str, precision: str, artifact: str | os.PathLike | None) -> None:
@@ -300,7 +300,7 @@ class Predictor:
                                   or not installed_runtimes()):
             return  # torch it is: nothing else runs this
         sha = file_sha256(self.path)
-        choice = runtime if runtime != "auto" else _cached_runtime_choice(sha, self.precision)
+        choice = runtime if runtime != "auto" else _cached_runtime_choice(self.path, sha, self.precision)
         if choice == "torch":
             return
         art = read_artifact(artifact, sha) if artifact is not None else self._cached_export(sha)
@@ -336,7 +336,7 @@ class Predictor:
         choice = max(rates, key=rates.get)
         _store_runtime_choice(sha, self.precision, {"choice": choice, "rates": rates, "parity": checks})
         verified = "; ".join(f"{n} max |dp| {c['max_abs_diff']:.1e}, {c['decision_flips']} flips" for n, c in checks.items())
-        _report_once(f"{self.path}: runtime auto: {choice}; parity with torch fp32 on {len(images)} images: {verified}; "
+        _report_once(_runtime_key(sha, self.precision), f"{self.path}: runtime auto: {choice}; parity with torch fp32 on {len(images)} images: {verified}; "
                      f"measured img/s: {_rates_text(rates)}")
         return choice
 
@@ -441,10 +441,10 @@ def _rates_text(rates: dict[str, float]) -> str:
 
 
 
-def _report_once(line: str) -> None:
-    """Print ``line`` to stderr once per process (stdout stays the predictions, and valid --json)."""
-    if line not in _reported_runtimes:
-        _reported_runtimes.add(line)
+def _report_once(key: str, line: str) -> None:
+    """Print ``line`` to stderr, once per process for ``key`` (stdout stays the predictions, and valid --json)."""
+    if key not in _reported_runtimes:
+        _reported_runtimes.add(key)
         print(line, file=sys.stderr)
 
 
@@ -463,12 +463,14 @@ def _version(module: str) -> str:
 
 
 
-def _cached_runtime_choice(sha: str, precision: str) -> str | None:
+def _cached_runtime_choice(path: Path, sha: str, precision: str) -> str | None:
     """Runtime auto's cached choice for this checkpoint, torch precision and machine (printed once), or None."""
-    entry = _read_json(config.CACHE_DIR / RUNTIME_CACHE_NAME).get(_runtime_key(sha, precision))
+    key = _runtime_key(sha, precision)
+    entry = _read_json(config.CACHE_DIR / RUNTIME_CACHE_NAME).get(key)
     if not isinstance(entry, dict) or entry.get("choice") not in RUNTIMES[1:] or not isinstance(entry.get("rates"), dict):
         return None
-    _report_once(f"runtime auto: {entry['choice']} (verified and measured before; img/s: {_rates_text(entry['rates'])})")
+    _report_once(key, f"{path}: runtime auto: {entry['choice']} (verified against torch fp32 and measured before; "
+                      f"img/s: {_rates_text(entry['rates'])})")
     return entry["choice"]
 
 
