@@ -24,9 +24,10 @@ from aimonk.train import RECIPES, TrainConfig, recipe_config, train
 DEFAULT_MODEL = str(config.DEFAULT_MODEL)
 PRECISION_HELP = ("inference precision: auto (per backbone and device), fp32, bf16, fp16 (CUDA) or int8 "
                   "(CPU; ResNet18 checkpoints without a probe ensemble)")
-RUNTIME_HELP = ("what runs the model: torch (the reference), onnxruntime, openvino (optional extra deploy; a "
-                "checkpoint is exported to ONNX on first use, cached), or auto: the fastest installed runtime that "
-                "matches torch fp32 on a few images, measured once and printed (default: %(default)s)")
+RUNTIME_HELP = (f"what runs the model: torch (the reference), onnxruntime, openvino (optional extra deploy; a "
+                f"checkpoint is exported to ONNX on first use, cached), or auto: the fastest installed runtime that "
+                f"matches torch fp32 on a few images, measured once and printed (default: {DEFAULT_RUNTIME} for a "
+                f"checkpoint, auto for an exported .onnx)")
 RECIPE_HELP = ("preset: 'pretrained' (the best measured recipe: EfficientNet-Lite0 ImageNet fine-tuning, head "
                "first, AdamW + cosine + crops + TTA + best epoch kept) or 'original' (the seed recipe: ResNet18, "
                "Adam 1e-4, batch 16, 20 epochs; the defaults shown below); explicit flags override it")
@@ -152,20 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     p = sub.add_parser("predict", help="predict attributes for images or folders")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint, or a model exported from one (.onnx) "
+                   "(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="one threshold for all attributes "
                    "(default: the checkpoint's tuned per-attribute decisions)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
     p.add_argument("--json", action="store_true", help="print JSON with probabilities")
     p.add_argument("--precision", default="auto", help=PRECISION_HELP)
-    p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES, help=RUNTIME_HELP)
+    p.add_argument("--runtime", default=None, choices=RUNTIMES, help=RUNTIME_HELP)
     p.set_defaults(func=cmd_predict)
     e = sub.add_parser("evaluate", help="per-attribute metrics on a labelled folder")
     e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
     e.add_argument("--data", required=True, help="folder with labels.txt and images/")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--precision", default="auto", help=PRECISION_HELP)
-    e.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES, help=RUNTIME_HELP)
+    e.add_argument("--runtime", default=None, choices=RUNTIMES, help=RUNTIME_HELP)
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("calibrate-int8", help="add int8 calibration to a checkpoint trained before training did it")
     c.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint, updated in place (default: %(default)s)")
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="onnx", choices=FORMATS, help="onnx, or openvino (IR .xml + .bin) "
                    "(default: %(default)s)")
     x.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="fp32, or int8: static "
-                   "quantization of the trunks calibrated on the training images (default: %(default)s)")
+                   "quantization of the fine-tuned network's convolutions, calibrated on the training images "
+                   "(default: %(default)s)")
     x.add_argument("--out", default=None, help="the file to write (default: beside the checkpoint, e.g. model.onnx)")
     x.add_argument("--data", default=None, help="the training data folder, if not where the checkpoint says "
                    "(for the card, the parity images and int8 calibration)")

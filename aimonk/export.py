@@ -4,13 +4,15 @@ mobile apps and other languages can run, with a model card beside it.
 ``export_model`` writes the artifact (``aimonk.artifact``: normalisation, probe ensemble and flip TTA
 inside, metadata sealed) as ONNX or as OpenVINO IR, in fp32 or int8. int8 is static post-training
 quantization with ONNX Runtime's quantizer, calibrated on the checkpoint's training images only; it
-quantizes the trunks' convolutions and keeps the heads (and the ensemble's averaging) in fp32, because
-the probe head turns small feature errors into large logit changes. Export then measures parity with
+quantizes the fine-tuned network's convolutions and keeps the heads, the ensemble's averaging and a
+probe ensemble's frozen probe in fp32, because the probe's head turns small feature errors into large
+logit changes. Export then measures parity with
 torch fp32 in every installed runtime and writes ``MODEL_CARD.md`` in Hugging Face's model card sections.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -38,7 +40,7 @@ from aimonk.checkpoint import CheckpointMeta, load_checkpoint
 from aimonk.data import DatasetIndex, decode_uint8, index_dataset
 from aimonk.evaluate import validation_scores
 from aimonk.files import atomic_write_bytes, atomic_write_text, file_sha256
-from aimonk.inference import Predictor
+from aimonk.inference import Predictor, fold_batchnorm
 from aimonk.metrics import attribute_report, has_signal, summarize
 
 FORMATS = ("onnx", "openvino")
@@ -46,7 +48,8 @@ PRECISIONS = ("fp32", "int8")
 CARD_NAME = "MODEL_CARD.md"
 PARITY_IMAGES = 16  # images that parity with torch is measured on at export
 CALIBRATION_IMAGES = 64  # training images that int8 calibration sees
-INT8_OP_TYPES = ("Conv",)  # what int8 quantizes: the trunks' convolutions; heads and averaging stay fp32
+INT8_OP_TYPES = ("Conv",)  # what int8 quantizes: convolutions; heads and averaging stay fp32
+PROBE_WEIGHTS = "model.probe."  # weight names of a probe ensemble's frozen probe in the export: kept fp32
 
 
 @dataclass
@@ -87,6 +90,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike | None = 
                          f"got {format!r} and {precision!r}")
     checkpoint = Path(checkpoint)
     model, meta = load_checkpoint(checkpoint)
+    fold_batchnorm(model)  # fewer nodes, and int8 quantizes the folded weights
     sha = file_sha256(checkpoint)
     out = Path(out) if out else default_output(checkpoint, format, precision)
     data = find_data(meta, data_dir)
@@ -156,18 +160,34 @@ def quantize_int8(fp32: Path, out: Path, meta: CheckpointMeta, sha: str, calibra
     """Static post-training int8 quantization of the fp32 export ``fp32`` (QDQ, per-channel weights,
     MinMax-calibrated activations on ``calibration``), sealed as an int8 artifact at ``out``.
 
-    Only ``INT8_OP_TYPES`` are quantized: the trunks' convolutions. The heads, the normalisation and the
-    ensemble's averaging stay fp32.
+    Only the convolutions of ``int8_nodes`` are quantized: those of the fine-tuned network. A probe
+    ensemble's frozen trunks stay fp32, like the heads, the normalisation and the averaging: the probe's
+    head, fitted on standardised features, multiplies a small error in a low-variance feature into a
+    large logit change (on the default recipe, quantizing the probe's trunks moved probabilities by up to
+    0.5 and flipped decisions; docs/speed.md).
     """
     onnx = require_onnx()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantized = out.with_name("quantized.onnx")
-    quantize_static(str(fp32), str(quantized), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(INT8_OP_TYPES), per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    proto = onnx.load(str(fp32))
+    logging.disable(logging.WARNING)  # its advice to pre-process: the export has its BatchNorms folded already
+    try:
+        quantize_static(str(fp32), str(quantized), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(INT8_OP_TYPES), nodes_to_exclude=int8_excluded(proto),
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        logging.disable(logging.NOTSET)
     data = seal(onnx.load(str(quantized)), artifact_metadata(meta, sha, "int8"))
     return atomic_write_bytes(out, data)
+
+
+def int8_excluded(proto) -> list[str]:
+    """The nodes int8 leaves in fp32 among ``INT8_OP_TYPES``: those of a probe ensemble's frozen probe
+    (their weights are named ``model.probe.*`` in the export)."""
+    return [n.name for n in proto.graph.node
+            if n.op_type in INT8_OP_TYPES and len(n.input) > 1 and n.input[1].startswith(PROBE_WEIGHTS)]
 
 
 class _Calibration:

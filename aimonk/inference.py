@@ -222,7 +222,8 @@ class Predictor:
         precision: ``"auto"`` (per backbone and device), fp32, bf16, fp16, or int8 (CPU, for a
             checkpoint that carries int8 calibration; see ``aimonk.int8``). The ONNX runtimes run
             what was exported (fp32, or an int8 export).
-        runtime: ``"torch"`` (the reference), ``"onnxruntime"``, ``"openvino"``, or ``"auto"``: the
+        runtime: ``None`` (``DEFAULT_RUNTIME`` for a checkpoint, ``"auto"`` for an export), ``"torch"``
+            (the reference), ``"onnxruntime"``, ``"openvino"``, or ``"auto"``: the
             fastest installed runtime whose probabilities match torch fp32 on ``PARITY_IMAGES``
             images (within ``PARITY_TOLERANCE``, no decision flip); the choice is measured once per
             checkpoint and machine, cached, and printed once to stderr. A checkpoint is exported to
@@ -235,8 +236,9 @@ class Predictor:
     """
 
     def __init__(self, model_path: str | os.PathLike = config.DEFAULT_MODEL, device: str = "auto",
-                 precision: str = "auto", runtime: str = DEFAULT_RUNTIME, artifact: str | os.PathLike | None = None):
+                 precision: str = "auto", runtime: str | None = None, artifact: str | os.PathLike | None = None):
         self.path = Path(model_path)
+        runtime = runtime or ("auto" if is_artifact(self.path) else DEFAULT_RUNTIME)
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
@@ -316,7 +318,8 @@ class Predictor:
         try:
             return read_artifact(path, sha)
         except ArtifactError:
-            model, meta = load_checkpoint(self.path)  # unfolded, fp32, on the CPU
+            model, meta = load_checkpoint(self.path)  # fp32, on the CPU
+            fold_batchnorm(model)
             export_onnx(model, meta, path, sha)
             return read_artifact(path, sha)
 
@@ -496,12 +499,12 @@ def _read_json(path: Path) -> dict:
 
 
 @lru_cache(maxsize=4)
-def _cached_predictor(path: str, stamp: tuple, runtime: str) -> Predictor:
+def _cached_predictor(path: str, stamp: tuple, runtime: str | None) -> Predictor:
     return Predictor(path, runtime=runtime)
 
 
 
-def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL, runtime: str = DEFAULT_RUNTIME) -> Predictor:
+def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL, runtime: str | None = None) -> Predictor:
     """A shared ``Predictor`` for ``model_path`` on ``runtime``, reloaded only if the file changes."""
     p = Path(model_path).resolve()
     # ctime, inode and size as well as mtime: a copy that keeps the old mtime (cp -p, rsync -t) is still seen.

@@ -9,13 +9,13 @@ import os
 
 from aimonk import config
 from aimonk.data import ImageSource
-from aimonk.inference import DEFAULT_RUNTIME, PredictionResult, Predictor, get_predictor, list_images
+from aimonk.inference import PredictionResult, Predictor, get_predictor, list_images
 
 __all__ = ["PredictionResult", "Predictor", "get_predictor", "list_images", "predict"]
 
 
 def predict(image: ImageSource, model: str | os.PathLike | Predictor = config.DEFAULT_MODEL,
-            threshold: float | None = None, show: bool = True, runtime: str = DEFAULT_RUNTIME) -> PredictionResult:
+            threshold: float | None = None, show: bool = True, runtime: str | None = None) -> PredictionResult:
     """Predict one image and print it in the seed format.
 
     Args:
@@ -23,7 +23,8 @@ def predict(image: ImageSource, model: str | os.PathLike | Predictor = config.DE
         model: a checkpoint path, or a model exported from one (``.onnx``), loaded once and cached; or a ``Predictor``.
         threshold: one threshold for all attributes; ``None`` uses the checkpoint's tuned decisions.
         show: print ``Image: ...`` / ``Attributes present: [...]``.
-        runtime: torch, onnxruntime, openvino or auto (see ``Predictor``); ignored for a ``Predictor``.
+        runtime: torch, onnxruntime, openvino or auto; None: torch for a checkpoint, auto for an export
+            (see ``Predictor``). Ignored for a ``Predictor``.
     Returns:
         A ``PredictionResult``.
     """

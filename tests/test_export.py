@@ -318,11 +318,11 @@ def test_the_cli_exports_and_predicts_the_same_as_torch(checkpoint, tmp_path, sa
     assert f"Saved {out} (onnx, fp32)" in printed and "decision flips 0" in printed
     assert (out.parent / "MODEL_CARD.md").is_file()
     results = []
-    for model, runtime in ((checkpoint, "torch"), (out, "onnxruntime")):
-        assert main(["predict", str(sample_dir / "images"), "--model", str(model), "--runtime", runtime,
-                     "--precision", "fp32" if runtime == "torch" else "auto"]) == 0
+    for args in (["--model", checkpoint, "--precision", "fp32"], ["--model", out, "--runtime", "onnxruntime"],
+                 ["--model", out]):  # an export runs on runtime auto unless told otherwise
+        assert main(["predict", str(sample_dir / "images"), *map(str, args)]) == 0
         results.append(capsys.readouterr().out)
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
 
 
 def test_int8_calibrates_on_training_images_only_and_keeps_the_heads_fp32(checkpoint, tmp_path, sample_dir):
@@ -347,6 +347,16 @@ def test_int8_calibrates_on_training_images_only_and_keeps_the_heads_fp32(checkp
     assert "| onnxruntime | int8 |" in result.card.read_text()
 
 
+def test_int8_leaves_a_probe_ensembles_frozen_probe_in_fp32(ensemble):
+    from aimonk.export import INT8_OP_TYPES, int8_excluded
+
+    proto = onnx.load(str(ensemble[1].path))
+    convs = [n for n in proto.graph.node if n.op_type in INT8_OP_TYPES]
+    excluded = set(int8_excluded(proto))
+    assert excluded and len(excluded) < len(convs)  # the probe's trunks, not the fine-tuned network
+    assert all(("probe" in n.input[1]) == (n.name in excluded) for n in convs)
+
+
 def test_int8_without_the_training_images_says_how_to_give_them(checkpoint, tmp_path):
     moved = shutil.copy(checkpoint, tmp_path / "model.pth")
     model, meta = load_checkpoint(moved)
@@ -357,13 +367,13 @@ def test_int8_without_the_training_images_says_how_to_give_them(checkpoint, tmp_
         export_model(moved, tmp_path / "m.onnx", precision="int8")
 
 
-def test_openvino_ir_export_keeps_the_metadata_and_the_probabilities(exported, checkpoint, tmp_path, sample_dir):
+def test_openvino_ir_keeps_the_metadata_and_the_probabilities(exported, checkpoint, tmp_path, sample_dir):
     ov = pytest.importorskip("openvino")
-    from aimonk.export import export_model
+    from aimonk.export import write_artifact
 
-    result = export_model(checkpoint, tmp_path / "model.xml", format="openvino", parity_images=4)
-    assert result.path.suffix == ".xml" and result.path.with_suffix(".bin").is_file()
-    model = ov.Core().read_model(str(result.path))
+    path = write_artifact(exported.path, tmp_path / "model.xml", "openvino")  # what export --format openvino writes
+    assert path.suffix == ".xml" and path.with_suffix(".bin").is_file()
+    model = ov.Core().read_model(str(path))
     assert model.get_rt_info(["aimonk", "checkpoint_sha256"]).astype(str) == file_sha256(checkpoint)
     _, meta = load_checkpoint(checkpoint)
     assert json.loads(model.get_rt_info(["aimonk", "attributes"]).astype(str)) == meta.attributes
