@@ -40,7 +40,7 @@ from aimonk.checkpoint import CheckpointMeta, load_checkpoint
 from aimonk.data import DatasetIndex, decode_uint8, index_dataset
 from aimonk.evaluate import validation_scores
 from aimonk.files import atomic_write_bytes, atomic_write_text, file_sha256
-from aimonk.inference import Predictor, fold_batchnorm
+from aimonk.inference import PARITY_TOLERANCE, Predictor, fold_batchnorm
 from aimonk.metrics import attribute_report, has_signal, summarize
 
 FORMATS = ("onnx", "openvino")
@@ -82,7 +82,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike | None = 
     Returns:
         An ``ExportResult``.
     Raises:
-        ValueError: for an unknown format or precision, or int8 without the training images.
+        ValueError: for an unknown format or precision, int8 without the training images, or an fp32
+            export that does not match torch (nothing is written then).
         ImportError: without the optional extra ``deploy``.
     """
     if format not in FORMATS or precision not in PRECISIONS:
@@ -101,6 +102,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike | None = 
             files["int8"] = quantize_int8(files["fp32"], Path(tmp) / "int8.onnx", meta, sha, calibration)
         images, source = parity_set(data, meta, parity_images)
         figures = measure_parity(checkpoint, files, images)
+        check_fp32_parity(figures, out, source)
         written = write_artifact(files[precision], out, format)
     result = ExportResult(written, out.parent / CARD_NAME, format, precision, figures, source)
     atomic_write_text(result.card, model_card(checkpoint, sha, meta, data, result))
@@ -217,6 +219,19 @@ def measure_parity(checkpoint: Path, files: dict[str, Path], images: torch.Tenso
             figures = parity(reference, probs, meta.thresholds, meta.decisions)
             out[f"{runtime} {precision}"] = {**figures, "decisions": int(probs.size), "seconds": time.perf_counter() - start}
     return out
+
+
+def check_fp32_parity(figures: dict[str, dict], out: Path, source: str) -> None:
+    """Refuse an fp32 export that differs from torch fp32 by more than ``PARITY_TOLERANCE`` or flips a decision.
+
+    Raises:
+        ValueError: naming ``out``, the runtime and the figures.
+    """
+    for key, p in figures.items():
+        if key.endswith(" fp32") and (p["max_abs_diff"] > PARITY_TOLERANCE or p["decision_flips"]):
+            raise ValueError(f"{out}: not written: the export does not match torch fp32 on {key.split()[0]} "
+                             f"(max |dp| {p['max_abs_diff']:.2e} > {PARITY_TOLERANCE:g} or {p['decision_flips']} "
+                             f"decision flips, on {source})")
 
 
 def write_artifact(onnx_file: Path, out: Path, format: str) -> Path:

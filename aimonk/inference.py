@@ -290,7 +290,8 @@ class Predictor:
             images = probe_images(PARITY_IMAGES, self.image_size).numpy()
             rates = {name: _rate(s.run, images) for name, s in sessions.items()}
             names = [max(rates, key=rates.get)]
-            _report_once(art.props["graph_sha256"], f"{self.path}: runtime auto: {names[0]}; measured img/s: {_rates_text(rates)}")
+            _report_once(art.props["graph_sha256"],
+                         f"{self.path}: runtime auto: {names[0]}; measured img/s: {_rates_text(rates)}")
         self.runtime, self.session = names[0], sessions[names[0]]
 
     def _attach_runtime(self, runtime: str, precision: str, artifact: str | os.PathLike | None) -> None:
@@ -338,9 +339,11 @@ class Predictor:
                 rates[name] = _rate(session.run, images.numpy())
         choice = max(rates, key=rates.get)
         _store_runtime_choice(sha, self.precision, {"choice": choice, "rates": rates, "parity": checks})
-        verified = "; ".join(f"{n} max |dp| {c['max_abs_diff']:.1e}, {c['decision_flips']} flips" for n, c in checks.items())
-        _report_once(_runtime_key(sha, self.precision), f"{self.path}: runtime auto: {choice}; parity with torch fp32 on {len(images)} images: {verified}; "
-                     f"measured img/s: {_rates_text(rates)}")
+        verified = "; ".join(f"{n} max |dp| {c['max_abs_diff']:.1e}, {c['decision_flips']} flips"
+                             for n, c in checks.items())
+        _report_once(_runtime_key(sha, self.precision),
+                     f"{self.path}: runtime auto: {choice}; parity with torch fp32 on {len(images)} images: "
+                     f"{verified}; measured img/s: {_rates_text(rates)}")
         return choice
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[list[str]]:

@@ -128,6 +128,21 @@ def test_export_records_parity_in_every_installed_runtime(exported, ensemble):
             assert figures["max_abs_diff"] <= PARITY_TOLERANCE, (key, figures)
 
 
+def test_an_export_that_does_not_match_torch_is_refused_and_not_written(checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import aimonk.export as export
+
+    def broken(model):  # an exporter that got one weight wrong
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.5)
+
+    monkeypatch.setattr(export, "fold_batchnorm", broken)
+    out = tmp_path / "broken.onnx"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))}: not written: the export does not match torch fp32"):
+        export.export_model(checkpoint, out, parity_images=4)
+    assert not out.exists() and not (tmp_path / "MODEL_CARD.md").exists()
+
+
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 def test_a_checkpoint_runs_on_an_onnx_runtime_through_an_export_made_on_first_use(checkpoint, sample_dir, runtime):
     images = sample_images(sample_dir, 32)
