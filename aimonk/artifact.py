@@ -45,6 +45,8 @@ INPUT_TEXT = ("images: uint8 RGB, shape (batch, 3, S, S) with S = image_size, re
               "antialiasing (aimonk.data.decode_uint8); the normalisation is inside the graph")
 OUTPUT_TEXT = "probabilities: float32 sigmoid probabilities, shape (batch, n_attributes), in 'attributes' order"
 DEPLOY_EXTRA = "pip install -e '.[deploy]'"
+IR_SUFFIX = ".xml"  # an OpenVINO IR export: graph and rt_info in the .xml, weights in the .bin beside it
+IR_WEIGHTS_KEY = "ir_weights_sha256"  # the sha256 of an IR export's .bin, in its rt_info
 
 
 class ArtifactError(CheckpointError):
@@ -173,15 +175,21 @@ class Artifact:
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names an exported model (``.onnx``) rather than a checkpoint."""
-    return Path(path).suffix.lower() == ".onnx"
+    """Whether ``path`` names an exported model (``.onnx``, or OpenVINO IR ``.xml``) rather than a checkpoint."""
+    return Path(path).suffix.lower() in (".onnx", IR_SUFFIX)
+
+
+def is_ir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an OpenVINO IR export (``.xml``, its weights in the ``.bin`` beside it)."""
+    return Path(path).suffix.lower() == IR_SUFFIX
 
 
 def read_artifact(path: str | os.PathLike, checkpoint_sha256: str | None = None) -> Artifact:
     """Read an exported model file and verify it.
 
     Args:
-        path: a ``.onnx`` file written by ``export_onnx`` or ``python -m aimonk export``.
+        path: a ``.onnx`` file written by ``export_onnx`` or ``python -m aimonk export``, or the ``.xml``
+            of an OpenVINO IR export (``--format openvino``; its ``.bin`` is checked against its digest).
         checkpoint_sha256: if given, the file must have been exported from the checkpoint with this sha256.
     Returns:
         The verified ``Artifact``.
@@ -190,20 +198,56 @@ def read_artifact(path: str | os.PathLike, checkpoint_sha256: str | None = None)
             aimonk metadata, has its metadata or graph altered, or comes from another checkpoint.
     """
     path = Path(path)
-    proto, data = _parse(path)
-    props = {p.key[len(PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(PREFIX)}
-    _check_fields(path, props)
-    if _metadata_digest(props) != props["metadata_sha256"]:
-        raise ArtifactError(f"{path}: its aimonk metadata was altered after export (the metadata digest does not "
-                            "match); export it again: python -m aimonk export --model CHECKPOINT")
-    del proto.metadata_props[:]
-    if _sha256(proto.SerializeToString()) != props["graph_sha256"]:
-        raise ArtifactError(f"{path}: its graph was altered after export (the graph digest does not match); "
-                            "export it again: python -m aimonk export --model CHECKPOINT")
+    props, data = _read_ir(path) if is_ir(path) else _read_onnx(path)
     if checkpoint_sha256 is not None and props["checkpoint_sha256"] != checkpoint_sha256:
         raise ArtifactError(f"{path}: exported from another checkpoint (sha256 {props['checkpoint_sha256'][:16]}..., "
                             f"expected {checkpoint_sha256[:16]}...); export this checkpoint again")
     return Artifact(path, _meta_of(path, props), props["precision"], props["checkpoint_sha256"], props, data)
+
+
+def _read_onnx(path: Path) -> tuple[dict[str, str], bytes]:
+    """The aimonk metadata and the bytes of a ``.onnx`` export, its fields and both digests checked."""
+    proto, data = _parse(path)
+    props = {p.key[len(PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(PREFIX)}
+    _check_fields(path, props)
+    _check_metadata_digest(path, props)
+    del proto.metadata_props[:]
+    if _sha256(proto.SerializeToString()) != props["graph_sha256"]:
+        raise ArtifactError(f"{path}: its graph was altered after export (the graph digest does not match); "
+                            "export it again: python -m aimonk export --model CHECKPOINT")
+    return props, data
+
+
+def _check_metadata_digest(path: Path, props: dict[str, str]) -> None:
+    if _metadata_digest({k: v for k, v in props.items() if k != IR_WEIGHTS_KEY}) != props["metadata_sha256"]:
+        raise ArtifactError(f"{path}: its aimonk metadata was altered after export (the metadata digest does not "
+                            "match); export it again: python -m aimonk export --model CHECKPOINT")
+
+
+def _read_ir(path: Path) -> tuple[dict[str, str], bytes]:
+    """The aimonk metadata (IR ``rt_info``) and the ``.xml`` bytes of an OpenVINO IR export, its fields,
+    its metadata digest and the digest of its ``.bin`` checked."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError(f"an OpenVINO IR export needs openvino: {DEPLOY_EXTRA}") from None
+    weights = path.with_suffix(".bin")
+    for f in (path, weights):
+        if not f.is_file():
+            raise ArtifactError(f"{f}: model file not found")
+    try:
+        model = ov.Core().read_model(str(path))
+        info = model.get_rt_info()
+        keys = list(info["aimonk"]) if "aimonk" in info else []
+        props = {k: model.get_rt_info(["aimonk", k]).astype(str) for k in keys}
+    except Exception:  # OpenVINO's parser errors: truncated or not IR
+        raise ArtifactError(f"{path}: not a readable OpenVINO IR model (truncated or damaged); export it again") from None
+    _check_fields(path, props)
+    _check_metadata_digest(path, props)
+    if _sha256(weights.read_bytes()) != props.get(IR_WEIGHTS_KEY):
+        raise ArtifactError(f"{weights}: its weights were altered after export (the digest does not match); "
+                            "export it again: python -m aimonk export --model CHECKPOINT --format openvino")
+    return props, path.read_bytes()
 
 
 def _parse(path: Path):

@@ -7,10 +7,11 @@ Each session takes a uint8 batch (B, 3, S, S) as a NumPy array and returns the p
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 
-from aimonk.artifact import DEPLOY_EXTRA, INPUT_NAME, OUTPUT_NAME, Artifact
+from aimonk.artifact import DEPLOY_EXTRA, INPUT_NAME, OUTPUT_NAME, Artifact, is_ir
 
 EXPORT_RUNTIMES = ("onnxruntime", "openvino")  # the runtimes of an exported model, most used first
 
@@ -20,9 +21,10 @@ def installed(runtime: str) -> bool:
     return importlib.util.find_spec(runtime) is not None and importlib.util.find_spec("onnx") is not None
 
 
-def installed_runtimes() -> list[str]:
-    """The export runtimes installed here, in ``EXPORT_RUNTIMES`` order."""
-    return [r for r in EXPORT_RUNTIMES if installed(r)]
+def installed_runtimes(path: str | os.PathLike | None = None) -> list[str]:
+    """The export runtimes installed here that can run ``path`` (any export if None), in ``EXPORT_RUNTIMES``
+    order: an OpenVINO IR export runs on openvino only."""
+    return [r for r in EXPORT_RUNTIMES if installed(r) and (path is None or not is_ir(path) or r == "openvino")]
 
 
 class OnnxRuntimeSession:
@@ -64,7 +66,8 @@ class OpenVinoSession:
 
         core = ov.Core()
         settings = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-        self.compiled = core.compile_model(core.read_model(artifact.data), "CPU", settings)
+        model = core.read_model(str(artifact.path)) if is_ir(artifact.path) else core.read_model(artifact.data)
+        self.compiled = core.compile_model(model, "CPU", settings)
         self.request = self.compiled.create_infer_request()
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -87,4 +90,6 @@ def open_session(runtime: str, artifact: Artifact, threads: int = 0):
         raise ValueError(f"runtime must be one of {list(SESSIONS)} for an exported model, got {runtime!r}")
     if not installed(runtime):
         raise ImportError(f"runtime {runtime!r} is not installed: {DEPLOY_EXTRA}")
+    if is_ir(artifact.path) and runtime != "openvino":
+        raise ValueError(f"{artifact.path}: an OpenVINO IR export runs on openvino, not {runtime}")
     return SESSIONS[runtime](artifact, threads)

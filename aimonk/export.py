@@ -12,6 +12,7 @@ torch fp32 in every installed runtime and writes ``MODEL_CARD.md`` in Hugging Fa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ from aimonk import __version__, config
 from aimonk.artifact import (
     ARTIFACT_FORMAT,
     INPUT_NAME,
+    IR_WEIGHTS_KEY,
     artifact_metadata,
     export_onnx,
     parity,
@@ -235,8 +237,8 @@ def check_fp32_parity(figures: dict[str, dict], out: Path, source: str) -> None:
 
 
 def write_artifact(onnx_file: Path, out: Path, format: str) -> Path:
-    """Write the verified export ``onnx_file`` to ``out`` as ONNX, or as OpenVINO IR (``.xml`` + ``.bin``,
-    the aimonk metadata in the IR's ``rt_info``), atomically file by file."""
+    """Write the verified export ``onnx_file`` to ``out`` as ONNX, or as OpenVINO IR (``.xml`` + ``.bin``:
+    the aimonk metadata, plus the ``.bin``'s sha256, in the IR's ``rt_info``), atomically file by file."""
     art = read_artifact(onnx_file)
     if format == "onnx":
         return atomic_write_bytes(out, art.data)
@@ -248,9 +250,13 @@ def write_artifact(onnx_file: Path, out: Path, format: str) -> Path:
     with tempfile.TemporaryDirectory(prefix="aimonk-ir-") as tmp:
         xml = Path(tmp) / "model.xml"
         ov.save_model(model, str(xml), compress_to_fp16=False)
+        weights = xml.with_suffix(".bin").read_bytes()
+        model.set_rt_info(hashlib.sha256(weights).hexdigest(), ["aimonk", IR_WEIGHTS_KEY])
+        ov.save_model(model, str(xml), compress_to_fp16=False)  # the same weights, the rt_info now with their digest
         atomic_write_bytes(out.with_suffix(".bin"), xml.with_suffix(".bin").read_bytes())
-        text = xml.read_text().replace('"model.bin"', f'"{out.with_suffix(".bin").name}"')
-        return atomic_write_text(out.with_suffix(".xml"), text)
+        written = atomic_write_bytes(out.with_suffix(".xml"), xml.read_bytes())  # it reads the .bin of its own name
+    read_artifact(written, art.checkpoint_sha256)  # as a reader will see it
+    return written
 
 
 # --------------------------------------------------------------------------- the model card

@@ -282,7 +282,7 @@ class Predictor:
         self.model, self.meta, self.device = None, art.meta, torch.device("cpu")
         self.attributes, self.image_size = list(self.meta.attributes), self.meta.image_size
         self.precision, self.channels_last = art.precision, False
-        names = installed_runtimes() if runtime == "auto" else [runtime]
+        names = installed_runtimes(self.path) if runtime == "auto" else [runtime]
         if not names:
             raise ImportError(f"{self.path}: no runtime for an exported model is installed: {DEPLOY_EXTRA}")
         sessions = {name: open_session(name, art) for name in names}
@@ -332,7 +332,7 @@ class Predictor:
                                         self.meta.mean, self.meta.std, tta=self.meta.tta)
         rates = {"torch": _rate(lambda x: self.probabilities(torch.from_numpy(x)), images.numpy())}
         checks = {}
-        for name in installed_runtimes():
+        for name in installed_runtimes(art.path):
             session = open_session(name, art)
             checks[name] = parity(reference, session.run(images.numpy()), self.meta.thresholds, self.meta.decisions)
             if checks[name]["max_abs_diff"] <= PARITY_TOLERANCE and checks[name]["decision_flips"] == 0:

@@ -388,13 +388,41 @@ def test_openvino_ir_keeps_the_metadata_and_the_probabilities(exported, checkpoi
 
     path = write_artifact(exported.path, tmp_path / "model.xml", "openvino")  # what export --format openvino writes
     assert path.suffix == ".xml" and path.with_suffix(".bin").is_file()
-    model = ov.Core().read_model(str(path))
+    model = ov.Core().read_model(str(path))  # plain OpenVINO: the metadata is in rt_info
     assert model.get_rt_info(["aimonk", "checkpoint_sha256"]).astype(str) == file_sha256(checkpoint)
     _, meta = load_checkpoint(checkpoint)
     assert json.loads(model.get_rt_info(["aimonk", "attributes"]).astype(str)) == meta.attributes
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     images = sample_images(sample_dir, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        probs = compiled({0: images.numpy()})[0]
-    assert_parity(torch_reference(checkpoint, images), probs, meta)
+    predictor = Predictor(path)  # runtime auto: openvino, the one runtime of an IR export
+    assert predictor.runtime == "openvino"
+    assert_parity(torch_reference(checkpoint, images), predictor.probabilities(images), meta)
+    with pytest.raises(ValueError, match="an OpenVINO IR export runs on openvino, not onnxruntime"):
+        Predictor(path, runtime="onnxruntime")
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("weights altered", r"model\.bin: its weights were altered after export"),
+    ("metadata altered", r"model\.xml: its aimonk metadata was altered after export"),
+    ("weights missing", r"model\.bin: model file not found"),
+    ("truncated", r"model\.xml: not a readable OpenVINO IR model"),
+])
+def test_a_damaged_or_altered_openvino_ir_is_refused(exported, tmp_path, kind, message):
+    pytest.importorskip("openvino")
+    from aimonk.export import write_artifact
+
+    xml = write_artifact(exported.path, tmp_path / "model.xml", "openvino")
+    weights = xml.with_suffix(".bin")
+    if kind == "weights altered":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif kind == "metadata altered":
+        text = xml.read_text()
+        thresholds = re.search(r'<thresholds value="([^"]*)"', text).group(1)
+        xml.write_text(text.replace(thresholds, json.dumps([0.01] * 4).replace('"', "&quot;")))
+    elif kind == "weights missing":
+        weights.unlink()
+    else:
+        xml.write_bytes(xml.read_bytes()[: xml.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match=message):
+        Predictor(xml)
