@@ -64,6 +64,7 @@ class ExportResult:
     precision: str  # fp32 or int8
     parity: dict = field(default_factory=dict)  # "runtime precision" -> parity() figures against torch fp32
     parity_source: str = ""  # which images parity was measured on
+    calibration_images: int = 0  # training images int8 calibration saw (0 for fp32)
 
 
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, format: str = "onnx",
@@ -106,7 +107,8 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike | None = 
         figures = measure_parity(checkpoint, files, images)
         check_fp32_parity(figures, out, source)
         written = write_artifact(files[precision], out, format)
-    result = ExportResult(written, out.parent / CARD_NAME, format, precision, figures, source)
+    result = ExportResult(written, out.parent / CARD_NAME, format, precision, figures, source,
+                          len(calibration) if precision == "int8" else 0)
     atomic_write_text(result.card, model_card(checkpoint, sha, meta, data, result))
     return result
 
@@ -306,6 +308,9 @@ def _card_details(checkpoint: Path, sha: str, meta: CheckpointMeta, result: Expo
         f"- **Input:** uint8 RGB images, shape (batch, 3, {meta.image_size}, {meta.image_size}), resized with "
         f"bilinear antialiasing; normalisation inside the graph (mean {list(meta.mean)}, std {list(meta.std)}).",
         "- **Output:** `probabilities`, float32 (batch, n_attributes), in the order above.",
+        *([f"- **int8:** static post-training quantization of the fine-tuned network's convolutions (QDQ, "
+           f"per-channel weights), calibrated on {result.calibration_images} training images; the frozen probe, "
+           "the heads and the averaging stay fp32."] if result.precision == "int8" else []),
         "- **Licence:** the code that made it is Apache-2.0; the ImageNet weights it starts from carry their own "
         "licences (docs/offline-weights.md).",
     ])

@@ -359,7 +359,8 @@ def test_int8_calibrates_on_training_images_only_and_keeps_the_heads_fp32(checkp
     q, f = Predictor(result.path, runtime="onnxruntime").probabilities(images), torch_reference(checkpoint, images)
     ranked = [np.corrcoef(q[:, j], f[:, j])[0, 1] for j in range(4)]
     assert min(ranked) > 0.9, ranked  # int8 keeps how the images rank on every attribute
-    assert "| onnxruntime | int8 |" in result.card.read_text()
+    card = result.card.read_text()
+    assert "| onnxruntime | int8 |" in card and "calibrated on 16 training images" in card
 
 
 def test_int8_leaves_a_probe_ensembles_frozen_probe_in_fp32(ensemble):
