@@ -228,8 +228,8 @@ class Predictor:
             images (within ``PARITY_TOLERANCE``, no decision flip); the choice is measured once per
             checkpoint and machine, cached, and printed once to stderr. A checkpoint is exported to
             ONNX on first use for the ONNX runtimes (cached under ``config.CACHE_DIR``).
-        artifact: for a checkpoint on an ONNX runtime, an exported ``.onnx`` of it to use instead of
-            the cached export; refused unless it was exported from this very checkpoint.
+        artifact: for a checkpoint on an ONNX runtime, an export of it (``.onnx`` or ``.xml``) to use
+            instead of the cached export; refused unless it was exported from this very checkpoint.
     Raises:
         CheckpointError: naming the file, for a damaged checkpoint, and (``ArtifactError``) for an
             exported file that is damaged, altered, or from another checkpoint.
@@ -311,7 +311,7 @@ class Predictor:
             choice = self._measure_runtimes(art, sha)
             if choice == "torch":
                 return
-        self.session, self.runtime, self.precision, self.channels_last = open_session(choice, art), choice, "fp32", False
+        self.session, self.runtime, self.precision, self.channels_last = open_session(choice, art), choice, art.precision, False
 
     def _cached_export(self, sha: str) -> Artifact:
         """This checkpoint's ONNX export from the cache, exported now if it is absent or unusable."""
