@@ -322,6 +322,21 @@ def test_a_missing_artifact_and_wrong_runtime_choices_are_refused(exported, chec
         Predictor(checkpoint, runtime="onnxruntime", precision="bf16")
 
 
+def test_without_the_deploy_extra_auto_is_torch_and_an_onnx_runtime_says_how_to_install(checkpoint, monkeypatch,
+                                                                                       capsys):
+    import aimonk.backends as backends
+
+    monkeypatch.setattr(backends, "installed", lambda runtime: False)  # as if onnxruntime and openvino were absent
+    predictor = Predictor(checkpoint, runtime="auto")
+    assert predictor.runtime == "torch" and predictor.session is None
+    with pytest.raises(ImportError, match=r"runtime 'onnxruntime' is not installed: pip install -e '\.\[deploy\]'"):
+        Predictor(checkpoint, runtime="onnxruntime")
+    assert main(["predict", str(config.SAMPLE_DIR / "images" / "image_0.jpg"), "--model", str(checkpoint),
+                 "--runtime", "openvino"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the precision auto line, if it is measured here
+    assert last == "error: runtime 'openvino' is not installed: pip install -e '.[deploy]'"
+
+
 # --------------------------------------------------------------------------- the CLI, int8, OpenVINO IR
 
 
