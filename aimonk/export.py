@@ -121,10 +121,11 @@ def default_output(checkpoint: Path, format: str, precision: str) -> Path:
 
 def find_data(meta: CheckpointMeta, data_dir: str | os.PathLike | None) -> DatasetIndex | None:
     """The training data folder's index: ``data_dir``, else the folder the checkpoint records, or None if absent."""
-    recorded = (meta.data or {}).get("dir")
+    recorded, labels = (meta.data or {}).get("dir"), (meta.data or {}).get("labels")
+    labels = labels if labels and Path(labels).is_file() else None  # e.g. an audit review's labels.reviewed.txt
     for candidate in ([data_dir] if data_dir else [recorded, recorded and config.resolve_path(recorded)]):
         if candidate and (Path(candidate) / "labels.txt").is_file():
-            return index_dataset(candidate, warn=False)
+            return index_dataset(candidate, warn=False, labels_file=labels)
     if data_dir:
         raise FileNotFoundError(f"{data_dir}: data folder not found (expected labels.txt and images/ inside)")
     return None
@@ -385,13 +386,16 @@ def _card_training(meta: CheckpointMeta, data: DatasetIndex | None) -> str:
     if data is None:
         lines.append(f"Folder `{recorded}` (recorded in the checkpoint; not found at export, so it is not described here).")
     else:
-        labels = data.root / "labels.txt"
+        labels, trained_on = data.table.source, (meta.data or {}).get("labels_sha256")
+        now = file_sha256(labels)
         n_val = len(_validation_names(meta))
         lines += [f"- **Folder:** `{recorded}` (read at export from `{data.root}`)",
                   f"- **Images:** {len(data.table)} labelled images with a file ({n_val} held out for validation, "
                   f"{len(data.table) - n_val} for training); {len(data.missing)} listed without a file",
-                  f"- **labels.txt sha256:** `{file_sha256(labels)}` (the file as found at export; the checkpoint "
-                  "does not record it)",
+                  f"- **Labels:** `{labels.name}`, sha256 `{now}` " + (
+                      "(as recorded at training)" if now == trained_on else
+                      f"(**changed since training**, which read `{trained_on}`)" if trained_on else
+                      "(the file as found at export; the checkpoint does not record it)"),
                   "", "| attribute | positive | negative | NA |", "|---|---|---|---|"]
         lines += [f"| {c['attribute']} | {c['positive']} | {c['negative']} | {c['na']} |" for c in label_counts(data)]
     lines += ["", "### Training procedure", ""]

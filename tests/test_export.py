@@ -224,6 +224,7 @@ def test_the_model_card_follows_hugging_face_sections_and_tells_the_truth(export
         assert heading in card, heading
     _, meta = load_checkpoint(checkpoint)
     assert file_sha256(checkpoint) in card and file_sha256(sample_dir / "labels.txt") in card
+    assert "(as recorded at training)" in card  # the checkpoint records the labels it was trained on
     assert file_sha256(exported.path) in card
     index = index_dataset(sample_dir, warn=False)
     assert f"{len(index.table)} labelled images" in card
