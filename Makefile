@@ -44,9 +44,9 @@ lab: $(STAMP) ## open JupyterLab on the notebooks
 	$(VENV)/bin/jupyter lab notebooks
 
 .PHONY: app voila
-app: $(STAMP) ## serve the Streamlit app (MODEL=path, default models/model.pth)
+app: $(STAMP) ## serve the Streamlit app (MODEL=path, default models/model.pth; RUNTIME=torch|onnxruntime|openvino|auto)
 	$(VENV)/bin/streamlit run aimonk/app.py --browser.gatherUsageStats=false --client.toolbarMode=minimal \
-	  -- --model $(or $(MODEL),models/model.pth)
+	  -- --model $(or $(MODEL),models/model.pth) $(if $(RUNTIME),--runtime $(RUNTIME))
 
 voila: $(STAMP) ## serve notebook 04's upload panel as a page with Voila (upload limits in voila.json)
 	$(VENV)/bin/voila notebooks/04_infer.ipynb

@@ -21,6 +21,7 @@ import streamlit as st
 from aimonk import config
 from aimonk.checkpoint import CheckpointError
 from aimonk.data import ImageLoadError, load_image
+from aimonk.inference import RUNTIMES
 from aimonk.predict import PredictionResult, Predictor, get_predictor
 from aimonk.widgets import thumbnail_png
 
@@ -59,15 +60,23 @@ def model_path_from_args(argv: list[str]) -> Path:
     """
     parser = argparse.ArgumentParser(prog="streamlit run aimonk/app.py --", allow_abbrev=False)
     parser.add_argument("--model", default=os.environ.get("AIMONK_MODEL") or str(config.DEFAULT_MODEL),
-                        help="checkpoint written by training (default: models/model.pth)")
+                        help="checkpoint written by training, or an exported .onnx (default: models/model.pth)")
     args, _ = parser.parse_known_args(argv)
     return config.resolve_path(args.model)
 
 
+def runtime_from_args(argv: list[str]) -> str | None:
+    """What runs the model: ``--runtime`` after ``--``, else ``$AIMONK_RUNTIME``, else None (``Predictor``'s default)."""
+    parser = argparse.ArgumentParser(prog="streamlit run aimonk/app.py --", allow_abbrev=False)
+    parser.add_argument("--runtime", default=os.environ.get("AIMONK_RUNTIME") or None, choices=RUNTIMES)
+    args, _ = parser.parse_known_args(argv)
+    return args.runtime
+
+
 @st.cache_resource(show_spinner="Loading the model...")
-def load_predictor(path: str, mtime_ns: int) -> Predictor:
-    """The shared ``Predictor`` for ``path``: loaded once per server, again only if the file changes."""
-    return get_predictor(path)
+def load_predictor(path: str, mtime_ns: int, runtime: str | None = None) -> Predictor:
+    """The shared ``Predictor`` for ``path`` on ``runtime``: loaded once per server, again only if the file changes."""
+    return get_predictor(path, runtime)
 
 
 def bars_html(result: PredictionResult) -> str:
@@ -119,7 +128,7 @@ def model_info(predictor: Predictor) -> None:
         st.divider()
         st.subheader("Model")
         st.caption(f"`{predictor.path}`")
-        st.markdown(f"- backbone: **{m.backbone}**, input {m.image_size} px\n"
+        st.markdown(f"- backbone: **{m.backbone}**, input {m.image_size} px, runtime {predictor.runtime}\n"
                     f"- attributes: {', '.join(predictor.attributes)}\n"
                     f"- tuned: {', '.join(tuned)}")
 
@@ -154,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         st.stop()
     mtime = model_path.stat().st_mtime_ns
     try:
-        predictor = load_predictor(str(model_path), mtime)
-    except (CheckpointError, OSError, ValueError, RuntimeError) as e:  # said on the page, never a traceback
+        predictor = load_predictor(str(model_path), mtime, runtime_from_args(sys.argv[1:] if argv is None else argv))
+    except (CheckpointError, OSError, ValueError, RuntimeError, ImportError) as e:  # said on the page, never a traceback
         st.error(f"Cannot load the model: {e}. Make a new one with {TRAIN_HINT}.")
         st.stop()
     model_info(predictor)

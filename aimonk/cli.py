@@ -1,4 +1,4 @@
-"""Command line: ``python -m aimonk {train,predict,evaluate,audit,calibrate-int8}``. Errors print one line and exit 1."""
+"""Command line: ``python -m aimonk {train,predict,evaluate,audit,calibrate-int8,export}``. Errors print one line and exit 1."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from aimonk.checkpoint import CheckpointMeta
 from aimonk.data import shown
 from aimonk.evaluate import score_folder
 from aimonk.features import DEFAULT_BACKBONES
+from aimonk.export import FORMATS, export_model
+from aimonk.inference import DEFAULT_RUNTIME, RUNTIMES
 from aimonk.int8 import calibrate_checkpoint
 from aimonk.metrics import attribute_report, report_to_json, summarize
 from aimonk.predict import Predictor, list_images
@@ -25,6 +27,10 @@ DEFAULT_MODEL = str(config.DEFAULT_MODEL)
 PRECISION_HELP = ("inference precision: auto (per backbone and device), fp32, bf16, fp16 (CUDA) or int8 "
                   "(CPU; ResNet18 checkpoints without a probe ensemble)")
 LABELS_HELP = "labels file to use instead of DATA/labels.txt, e.g. an audit review's labels.reviewed.txt"
+RUNTIME_HELP = (f"what runs the model: torch (the reference), onnxruntime, openvino (optional extra deploy; a "
+                f"checkpoint is exported to ONNX on first use, cached), or auto: the fastest installed runtime that "
+                f"matches torch fp32 on a few images, measured once and printed (default: {DEFAULT_RUNTIME} for a "
+                f"checkpoint, auto for an exported .onnx)")
 RECIPE_HELP = ("preset: 'pretrained' (the best measured recipe: EfficientNet-Lite0 ImageNet fine-tuning, head "
                "first, AdamW + cosine + crops + TTA + best epoch kept) or 'original' (the seed recipe: ResNet18, "
                "Adam 1e-4, batch 16, 20 epochs; the defaults shown below); explicit flags override it")
@@ -94,7 +100,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
         0 when every image was predicted, 1 when at least one could not be (all results are still
         printed). A failure of the whole run (no model, no images) is an ``error:`` line and 1 too.
     """
-    predictor = Predictor(a.model, precision=a.precision)
+    predictor = Predictor(a.model, precision=a.precision, runtime=a.runtime)
     paths = list_images(a.images)
     if not paths:
         raise ValueError("no images found in " + ", ".join(shown(p) for p in a.images))
@@ -107,8 +113,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision), a.data,
-                                                    labels=a.labels)
+    targets, probs, names, predictor = score_folder(Predictor(a.model, precision=a.precision, runtime=a.runtime),
+                                                    a.data, labels=a.labels)
     report = attribute_report(targets, probs, predictor.attributes, predictor.meta.thresholds,
                               predictor.meta.decisions)
     if a.json:
@@ -166,6 +172,15 @@ def cmd_calibrate_int8(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    result = export_model(a.model, a.out, format=a.format, precision=a.precision, data_dir=a.data)
+    print(f"Saved {result.path} ({result.format}, {result.precision}) and {result.card}")
+    for key, p in result.parity.items():
+        print(f"parity with torch fp32, {key}: max |dp| {p['max_abs_diff']:.2e}, decision flips {p['decision_flips']} "
+              f"of {p['decisions']} ({result.parity_source})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aimonk", description="Multilabel image attribute classification.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,12 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     p = sub.add_parser("predict", help="predict attributes for images or folders")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint, or a model exported from one (.onnx) "
+                   "(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="one threshold for all attributes "
                    "(default: the checkpoint's tuned per-attribute decisions)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
     p.add_argument("--json", action="store_true", help="print JSON with probabilities")
     p.add_argument("--precision", default="auto", help=PRECISION_HELP)
+    p.add_argument("--runtime", default=None, choices=RUNTIMES, help=RUNTIME_HELP)
     p.set_defaults(func=cmd_predict)
     e = sub.add_parser("evaluate", help="per-attribute metrics on a labelled folder")
     e.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
@@ -187,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", default=None, help=LABELS_HELP)
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--precision", default="auto", help=PRECISION_HELP)
+    e.add_argument("--runtime", default=None, choices=RUNTIMES, help=RUNTIME_HELP)
     e.set_defaults(func=cmd_evaluate)
     u = sub.add_parser("audit", help="find the labels that the images dispute (NA-aware), gated on signal")
     u.add_argument("--data", required=True, help="folder with labels.txt and images/")
@@ -209,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint, updated in place (default: %(default)s)")
     c.add_argument("--data", required=True, help="folder with labels.txt and images/; its validation images are left out")
     c.set_defaults(func=cmd_calibrate_int8)
+    x = sub.add_parser("export", help="export the whole model (ensemble, preprocessing, TTA) to ONNX or OpenVINO, "
+                       "with MODEL_CARD.md beside it")
+    x.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint (default: %(default)s)")
+    x.add_argument("--format", default="onnx", choices=FORMATS, help="onnx, or openvino (IR .xml + .bin) "
+                   "(default: %(default)s)")
+    x.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="fp32, or int8: static "
+                   "quantization of the fine-tuned network's convolutions, calibrated on the training images "
+                   "(default: %(default)s)")
+    x.add_argument("--out", default=None, help="the file to write (default: beside the checkpoint, e.g. model.onnx)")
+    x.add_argument("--data", default=None, help="the training data folder, if not where the checkpoint says "
+                   "(for the card, the parity images and int8 calibration)")
+    x.set_defaults(func=cmd_export)
     return parser
 
 
@@ -222,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1

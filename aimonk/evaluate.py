@@ -11,7 +11,7 @@ import torch
 
 from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset, index_dataset
-from aimonk.inference import Predictor, infer_probabilities
+from aimonk.inference import Predictor
 
 
 def _labelled_rows(predictor, data_dir: str | os.PathLike, names: Sequence[str] | None,
@@ -48,8 +48,7 @@ def score_folder(model_path: "str | os.PathLike | Predictor", data_dir: str | os
     cache = DecodedCache([index.paths[i] for i in rows], predictor.image_size, cache_dir, progress=progress)
     ok = cache.ok
     ds = ImageDataset(torch.utils.data.Subset(cache, ok), index.table.targets[[rows[i] for i in ok]])
-    probs = infer_probabilities(predictor.model, ds, predictor.device, predictor.precision, predictor.channels_last,
-                                predictor.meta.mean, predictor.meta.std, tta=predictor.meta.tta if tta is None else tta)
+    probs = predictor.dataset_probabilities(ds, tta=tta)
     return ds.targets.numpy(), probs, [index.table.names[rows[i]] for i in ok], predictor
 
 

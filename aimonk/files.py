@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import io
 import os
 import shutil
@@ -195,3 +196,19 @@ def _unreadable_reason(error: str, head: bytes) -> str:
     if head.startswith(b"\x80"):  # a bare pickle
         return "it is a bare Python pickle, refused for safety because loading it could run code"
     return "unrecognised file format (expected a PyTorch checkpoint)"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks.
+
+    Raises:
+        CheckpointError: naming the file, if it is missing or cannot be read.
+    """
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return h.hexdigest()

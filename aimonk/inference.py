@@ -1,9 +1,16 @@
 """The inference engine: batch-norm folding, ``infer_probabilities``, and the ``Predictor`` that loads a
-checkpoint once and predicts images (paths, PIL images or bytes)."""
+checkpoint (or a model exported from one) once and predicts images (paths, PIL images or bytes) on torch,
+ONNX Runtime or OpenVINO."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import statistics
+import sys
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,12 +23,24 @@ import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from aimonk import config, int8
+from aimonk import __version__, config, int8
+from aimonk.artifact import (
+    DEPLOY_EXTRA,
+    Artifact,
+    ArtifactError,
+    export_onnx,
+    is_artifact,
+    parity,
+    probe_images,
+    read_artifact,
+)
+from aimonk.backends import installed_runtimes, open_session
 from aimonk.checkpoint import CheckpointMeta, load_checkpoint
 from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch, read_reason, shown
+from aimonk.files import atomic_write_text, file_sha256
 from aimonk.metrics import apply_decisions
 from aimonk.model import head_module
-from aimonk.runtime import autocast, choose_execution, select_device
+from aimonk.runtime import autocast, choose_execution, cpu_model, select_device
 
 
 @dataclass
@@ -184,27 +203,60 @@ def int8_problem(meta: CheckpointMeta, device: torch.device) -> str | None:
 
 
 INFER_BATCH = 32  # images per batch in predict_many, and the batch precision "auto" is measured at
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # what runs the model (see Predictor)
+DEFAULT_RUNTIME = "torch"  # the reference; "auto" picks a faster verified runtime where one is installed
+EXPORT_CACHE_NAME = "onnx"  # checkpoints exported for the ONNX runtimes, under config.CACHE_DIR
+RUNTIME_CACHE_NAME = "runtime.json"  # runtime "auto"'s measured choices, under config.CACHE_DIR
+PARITY_IMAGES = 8  # images that runtime "auto" verifies and times each runtime on
+PARITY_TOLERANCE = 1e-4  # the largest probability difference from torch fp32 that "auto" accepts
+_reported_runtimes: set[str] = set()  # runtime choices already printed by this process
 
 
 class Predictor:
-    """A loaded checkpoint ready to predict: the model is loaded once and reused.
+    """A loaded model ready to predict: the model is loaded once and reused.
 
     Args:
-        model_path: a checkpoint written by training.
-        device: ``"auto"`` or a torch device.
+        model_path: a checkpoint written by training (``.pth``), or a model exported from one
+            (``.onnx``, ``python -m aimonk export``), which runs without torch's model code.
+        device: ``"auto"`` or a torch device (torch runtime).
         precision: ``"auto"`` (per backbone and device), fp32, bf16, fp16, or int8 (CPU, for a
-            checkpoint that carries int8 calibration; see ``aimonk.int8``).
+            checkpoint that carries int8 calibration; see ``aimonk.int8``). The ONNX runtimes run
+            what was exported (fp32, or an int8 export).
+        runtime: ``None`` (``DEFAULT_RUNTIME`` for a checkpoint, ``"auto"`` for an export), ``"torch"``
+            (the reference), ``"onnxruntime"``, ``"openvino"``, or ``"auto"``: the
+            fastest installed runtime whose probabilities match torch fp32 on ``PARITY_IMAGES``
+            images (within ``PARITY_TOLERANCE``, no decision flip); the choice is measured once per
+            checkpoint and machine, cached, and printed once to stderr. A checkpoint is exported to
+            ONNX on first use for the ONNX runtimes (cached under ``config.CACHE_DIR``).
+        artifact: for a checkpoint on an ONNX runtime, an export of it (``.onnx`` or ``.xml``) to use
+            instead of the cached export; refused unless it was exported from this very checkpoint.
+    Raises:
+        CheckpointError: naming the file, for a damaged checkpoint, and (``ArtifactError``) for an
+            exported file that is damaged, altered, or from another checkpoint.
     """
 
-    def __init__(self, model_path: str | os.PathLike = config.DEFAULT_MODEL,
-                 device: str = "auto", precision: str = "auto"):
+    def __init__(self, model_path: str | os.PathLike = config.DEFAULT_MODEL, device: str = "auto",
+                 precision: str = "auto", runtime: str | None = None, artifact: str | os.PathLike | None = None):
         self.path = Path(model_path)
+        runtime = runtime or ("auto" if is_artifact(self.path) else DEFAULT_RUNTIME)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+        self.session, self.runtime = None, "torch"
+        if is_artifact(self.path):
+            self._open_export(read_artifact(self.path), runtime, precision)
+            return
         self.model, self.meta = load_checkpoint(self.path)
         self.device = select_device(device)
         self.attributes: list[str] = list(self.meta.attributes)
         self.image_size: int = self.meta.image_size
-        if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
-            raise ValueError(f"precision must be auto, fp32, bf16, fp16 or int8, got {precision!r}")
+        self._prepare_torch(precision)
+        if runtime != "torch":
+            self._attach_runtime(runtime, precision, artifact)
+
+    def _prepare_torch(self, precision: str) -> None:
+        """Set up the torch model: int8, or batch norms folded and the measured precision and layout."""
         if precision == "int8":
             problem = int8_problem(self.meta, self.device)
             if problem:
@@ -219,6 +271,80 @@ class Predictor:
         self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _open_export(self, art: Artifact, runtime: str, precision: str) -> None:
+        """Run an exported model: no torch model, the runtime asked for or the fastest installed one."""
+        if runtime == "torch":
+            raise ValueError(f"{self.path}: an exported model runs on onnxruntime or openvino, not torch; "
+                             "give its checkpoint (.pth) to run it in torch")
+        if precision not in ("auto", art.precision):
+            raise ValueError(f"{self.path}: an {art.precision} export runs in {art.precision}, not {precision}")
+        self.model, self.meta, self.device = None, art.meta, torch.device("cpu")
+        self.attributes, self.image_size = list(self.meta.attributes), self.meta.image_size
+        self.precision, self.channels_last = art.precision, False
+        names = installed_runtimes(self.path) if runtime == "auto" else [runtime]
+        if not names:
+            raise ImportError(f"{self.path}: no runtime for an exported model is installed: {DEPLOY_EXTRA}")
+        sessions = {name: open_session(name, art) for name in names}
+        if len(sessions) > 1:
+            images = probe_images(PARITY_IMAGES, self.image_size).numpy()
+            rates = {name: _rate(s.run, images) for name, s in sessions.items()}
+            names = [max(rates, key=rates.get)]
+            _report_once(art.props["graph_sha256"],
+                         f"{self.path}: runtime auto: {names[0]}; measured img/s: {_rates_text(rates)}")
+        self.runtime, self.session = names[0], sessions[names[0]]
+
+    def _attach_runtime(self, runtime: str, precision: str, artifact: str | os.PathLike | None) -> None:
+        """Run the checkpoint on an ONNX runtime (``runtime`` auto: where it is verified and faster than torch)."""
+        if runtime != "auto" and (self.device.type != "cpu" or precision not in ("auto", "fp32")):
+            raise ValueError(f"runtime {runtime!r} runs the fp32 export on the CPU; "
+                             f"got device {self.device.type}, precision {precision}")
+        if runtime == "auto" and (self.device.type != "cpu" or precision not in ("auto", "fp32")
+                                  or not installed_runtimes()):
+            return  # torch it is: nothing else runs this
+        sha = file_sha256(self.path)
+        choice = runtime if runtime != "auto" else _cached_runtime_choice(self.path, sha, self.precision)
+        if choice == "torch":
+            return
+        art = read_artifact(artifact, sha) if artifact is not None else self._cached_export(sha)
+        if choice is None:
+            choice = self._measure_runtimes(art, sha)
+            if choice == "torch":
+                return
+        self.session, self.runtime, self.precision, self.channels_last = open_session(choice, art), choice, art.precision, False
+
+    def _cached_export(self, sha: str) -> Artifact:
+        """This checkpoint's ONNX export from the cache, exported now if it is absent or unusable."""
+        path = config.CACHE_DIR / EXPORT_CACHE_NAME / f"{sha[:32]}-{__version__}.onnx"
+        try:
+            return read_artifact(path, sha)
+        except ArtifactError:
+            model, meta = load_checkpoint(self.path)  # fp32, on the CPU
+            fold_batchnorm(model)
+            export_onnx(model, meta, path, sha)
+            return read_artifact(path, sha)
+
+    def _measure_runtimes(self, art: Artifact, sha: str) -> str:
+        """Verify each installed runtime against torch fp32 on probe images, time them and torch, and
+        return (and cache, and print once) the fastest verified one."""
+        images = probe_images(PARITY_IMAGES, self.image_size)
+        reference = infer_probabilities(self.model, [(x,) for x in images], self.device, "fp32", self.channels_last,
+                                        self.meta.mean, self.meta.std, tta=self.meta.tta)
+        rates = {"torch": _rate(lambda x: self.probabilities(torch.from_numpy(x)), images.numpy())}
+        checks = {}
+        for name in installed_runtimes(art.path):
+            session = open_session(name, art)
+            checks[name] = parity(reference, session.run(images.numpy()), self.meta.thresholds, self.meta.decisions)
+            if checks[name]["max_abs_diff"] <= PARITY_TOLERANCE and checks[name]["decision_flips"] == 0:
+                rates[name] = _rate(session.run, images.numpy())
+        choice = max(rates, key=rates.get)
+        _store_runtime_choice(sha, self.precision, {"choice": choice, "rates": rates, "parity": checks})
+        verified = "; ".join(f"{n} max |dp| {c['max_abs_diff']:.1e}, {c['decision_flips']} flips"
+                             for n, c in checks.items())
+        _report_once(_runtime_key(sha, self.precision),
+                     f"{self.path}: runtime auto: {choice}; parity with torch fp32 on {len(images)} images: "
+                     f"{verified}; measured img/s: {_rates_text(rates)}")
+        return choice
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[list[str]]:
         """Present attributes per row of ``probs`` (N, n_attributes).
@@ -235,9 +361,29 @@ class Predictor:
         return [[a for a, p in zip(self.attributes, row) if p] for row in present]
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        """Probabilities for a uint8 batch (B, 3, S, S)."""
+        """Probabilities for a uint8 batch (B, 3, S, S), on this predictor's runtime."""
+        if self.session is not None:
+            return self.session.run(images.numpy())
         return infer_probabilities(self.model, [(x,) for x in images], self.device, self.precision,
                                    self.channels_last, self.meta.mean, self.meta.std, tta=self.meta.tta)
+
+    def dataset_probabilities(self, dataset, tta: bool | None = None, batch_size: int = 64) -> np.ndarray:
+        """Probabilities for every item of ``dataset`` (items are ``(uint8 image, ...)``), on this predictor's
+        runtime; ``tta`` other than the model's own runs the torch model (an export has its TTA built in).
+
+        Returns:
+            A float32 array of shape (N, n_attributes).
+        """
+        tta = self.meta.tta if tta is None else tta
+        if self.session is None or tta != self.meta.tta:
+            if self.model is None:
+                raise ValueError(f"{self.path}: an exported model has flip TTA {'on' if self.meta.tta else 'off'} "
+                                 "built in; score its checkpoint to change it")
+            return infer_probabilities(self.model, dataset, self.device, self.precision, self.channels_last,
+                                       self.meta.mean, self.meta.std, tta=tta, batch_size=batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        out = [self.session.run(batch[0].numpy()) for batch in loader]
+        return np.concatenate(out) if out else np.zeros((0, len(self.attributes)), np.float32)
 
     def predict(self, image: ImageSource, threshold: float | None = None, name: str | None = None) -> PredictionResult:
         """Predict one image (path, PIL image or bytes).
@@ -284,19 +430,90 @@ class Predictor:
 
 
 
+def _rate(run, images: np.ndarray, steps: int = 2) -> float:
+    """Images per second of ``run(images)``: the median of ``steps`` timed calls after one warm-up call."""
+    run(images)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run(images)
+        times.append(time.perf_counter() - start)
+    return len(images) / statistics.median(times)
+
+
+
+def _rates_text(rates: dict[str, float]) -> str:
+    return ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
+
+
+
+def _report_once(key: str, line: str) -> None:
+    """Print ``line`` to stderr, once per process for ``key`` (stdout stays the predictions, and valid --json)."""
+    if key not in _reported_runtimes:
+        _reported_runtimes.add(key)
+        print(line, file=sys.stderr)
+
+
+
+def _runtime_key(sha: str, precision: str) -> str:
+    versions = " ".join(f"{m} {_version(m)}" for m in ("torch", "onnxruntime", "openvino"))
+    return f"{sha} | {cpu_model()} | {torch.get_num_threads()} threads | torch {precision} | {versions} | aimonk {__version__}"
+
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+
+def _cached_runtime_choice(path: Path, sha: str, precision: str) -> str | None:
+    """Runtime auto's cached choice for this checkpoint, torch precision and machine (printed once), or None."""
+    key = _runtime_key(sha, precision)
+    entry = _read_json(config.CACHE_DIR / RUNTIME_CACHE_NAME).get(key)
+    if not isinstance(entry, dict) or entry.get("choice") not in RUNTIMES[1:] or not isinstance(entry.get("rates"), dict):
+        return None
+    _report_once(key, f"{path}: runtime auto: {entry['choice']} (verified against torch fp32 and measured before; "
+                      f"img/s: {_rates_text(entry['rates'])})")
+    return entry["choice"]
+
+
+
+def _store_runtime_choice(sha: str, precision: str, entry: dict) -> None:
+    path = config.CACHE_DIR / RUNTIME_CACHE_NAME
+    known = _read_json(path)
+    known[_runtime_key(sha, precision)] = entry
+    try:
+        atomic_write_text(path, json.dumps(known, indent=1))
+    except OSError as e:  # an unwritable cache costs a measurement next time, nothing more
+        warnings.warn(f"runtime choice not cached: {e}", stacklevel=3)
+
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        known = json.loads(path.read_text())
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}  # absent or damaged: measured again
+
+
+
 @lru_cache(maxsize=4)
-def _cached_predictor(path: str, stamp: tuple) -> Predictor:
-    return Predictor(path)
+def _cached_predictor(path: str, stamp: tuple, runtime: str | None) -> Predictor:
+    return Predictor(path, runtime=runtime)
 
 
 
-def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL) -> Predictor:
-    """A shared ``Predictor`` for ``model_path``, reloaded only if the file changes."""
+def get_predictor(model_path: str | os.PathLike = config.DEFAULT_MODEL, runtime: str | None = None) -> Predictor:
+    """A shared ``Predictor`` for ``model_path`` on ``runtime``, reloaded only if the file changes."""
     p = Path(model_path).resolve()
     # ctime, inode and size as well as mtime: a copy that keeps the old mtime (cp -p, rsync -t) is still seen.
     st = p.stat() if p.is_file() else None
     stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size) if st else ()
-    return _cached_predictor(str(p), stamp)
+    return _cached_predictor(str(p), stamp, runtime)
 
 
 

@@ -15,18 +15,20 @@ __all__ = ["PredictionResult", "Predictor", "get_predictor", "list_images", "pre
 
 
 def predict(image: ImageSource, model: str | os.PathLike | Predictor = config.DEFAULT_MODEL,
-            threshold: float | None = None, show: bool = True) -> PredictionResult:
+            threshold: float | None = None, show: bool = True, runtime: str | None = None) -> PredictionResult:
     """Predict one image and print it in the seed format.
 
     Args:
         image: a path, PIL image or bytes.
-        model: a checkpoint path (loaded once and cached) or a ``Predictor``.
+        model: a checkpoint path, or a model exported from one (``.onnx``), loaded once and cached; or a ``Predictor``.
         threshold: one threshold for all attributes; ``None`` uses the checkpoint's tuned decisions.
         show: print ``Image: ...`` / ``Attributes present: [...]``.
+        runtime: torch, onnxruntime, openvino or auto; None: torch for a checkpoint, auto for an export
+            (see ``Predictor``). Ignored for a ``Predictor``.
     Returns:
         A ``PredictionResult``.
     """
-    predictor = model if isinstance(model, Predictor) else get_predictor(model)
+    predictor = model if isinstance(model, Predictor) else get_predictor(model, runtime)
     result = predictor.predict(image, threshold)
     if show:
         print(result)

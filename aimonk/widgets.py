@@ -201,7 +201,7 @@ class UploadPanel(widgets.VBox):
 
 def upload_panel(model_path: str | os.PathLike | Predictor = config.DEFAULT_MODEL,
                  default_threshold: float | None = None, display_size: int = 256,
-                 max_bytes: int = config.MAX_UPLOAD_BYTES) -> UploadPanel:
+                 max_bytes: int = config.MAX_UPLOAD_BYTES, runtime: str | None = None) -> UploadPanel:
     """Build the upload panel for a checkpoint; the model is loaded once, here.
 
     Args:
@@ -210,6 +210,8 @@ def upload_panel(model_path: str | os.PathLike | Predictor = config.DEFAULT_MODE
             checkpoint's tuned decisions (``None``).
         display_size: side in pixels of the square the uploaded image is shown in.
         max_bytes: largest accepted upload (default ``config.MAX_UPLOAD_BYTES``).
+        runtime: what runs the model: torch, onnxruntime, openvino or auto (``None``: torch for a
+            checkpoint, auto for an exported ``.onnx``; see ``Predictor``).
     Returns:
         An ``UploadPanel`` (an ipywidgets ``VBox``). If the model cannot be loaded, the panel
         says why and its upload button is disabled.
@@ -217,8 +219,8 @@ def upload_panel(model_path: str | os.PathLike | Predictor = config.DEFAULT_MODE
     if isinstance(model_path, Predictor):
         return UploadPanel(model_path, default_threshold, display_size, max_bytes)
     try:
-        predictor = get_predictor(model_path)
-    except (CheckpointError, OSError, ValueError, RuntimeError) as e:  # said in the panel, never a traceback
+        predictor = get_predictor(model_path, runtime)
+    except (CheckpointError, OSError, ValueError, RuntimeError, ImportError) as e:  # said in the panel, never a traceback
         return UploadPanel(None, default_threshold, display_size, max_bytes,
                            error=f"{e}. Train a model first: make reports (or python -m aimonk train --data data/sample).")
     return UploadPanel(predictor, default_threshold, display_size, max_bytes)

@@ -22,7 +22,8 @@ LAYERS = [
     ["aimonk.cache", "aimonk.losses", "aimonk.metrics", "aimonk.plots", "aimonk.distributed"],
     ["aimonk.model", "aimonk.explore"],  # networks; the dataset health report
     ["aimonk.runtime", "aimonk.checkpoint", "aimonk.review"],  # device and precision; the checkpoint schema; label review files
-    ["aimonk.int8"],
+    ["aimonk.int8", "aimonk.artifact"],  # int8 torch models; the exported ONNX file, sealed with its metadata
+    ["aimonk.backends"],  # ONNX Runtime and OpenVINO sessions of an exported file
     ["aimonk.inference"],  # the engine: Predictor
     ["aimonk.probe", "aimonk.evaluate", "aimonk.features"],
     ["aimonk.train.config"],
@@ -31,7 +32,7 @@ LAYERS = [
     ["aimonk.train.run"],
     ["aimonk.train"],
     ["aimonk.audit"],  # the label audit (cross-fitted probe or fine-tuned networks, confident learning, copies)
-    ["aimonk.predict"],  # the public predict()
+    ["aimonk.predict", "aimonk.export"],  # the public predict(); export with a model card
     ["aimonk.cli", "aimonk.widgets", "aimonk.run_notebooks", "aimonk.benchmark"],  # the CLI and the upload panel
     ["aimonk.app", "aimonk.review_panel"],  # the Streamlit app and the review panel share the upload panel's thumbnail
     ["aimonk.__main__"],
