@@ -296,8 +296,9 @@ class Predictor:
 
     def _attach_runtime(self, runtime: str, precision: str, artifact: str | os.PathLike | None) -> None:
         """Run the checkpoint on an ONNX runtime (``runtime`` auto: where it is verified and faster than torch)."""
-        if runtime != "auto" and (self.device.type != "cpu" or precision not in ("auto", "fp32")):
-            raise ValueError(f"runtime {runtime!r} runs the fp32 export on the CPU; "
+        bf16 = runtime == "openvino" and precision == "bf16"  # the fp32 export, computed in bf16 by OpenVINO
+        if runtime != "auto" and (self.device.type != "cpu" or precision not in ("auto", "fp32") and not bf16):
+            raise ValueError(f"runtime {runtime!r} runs the fp32 export on the CPU (openvino in bf16 too); "
                              f"got device {self.device.type}, precision {precision}")
         if runtime == "auto" and (self.device.type != "cpu" or precision not in ("auto", "fp32")
                                   or not installed_runtimes()):
@@ -311,7 +312,9 @@ class Predictor:
             choice = self._measure_runtimes(art, sha)
             if choice == "torch":
                 return
-        self.session, self.runtime, self.precision, self.channels_last = open_session(choice, art), choice, art.precision, False
+        precision = "bf16" if bf16 else art.precision
+        self.session, self.runtime = open_session(choice, art, precision=precision), choice
+        self.precision, self.channels_last = precision, False
 
     def _cached_export(self, sha: str) -> Artifact:
         """This checkpoint's ONNX export from the cache, exported now if it is absent or unusable."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aimonk.backends import installed_runtimes
 from aimonk.benchmark.report import run_info
 from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import score_folder, validation_scores
@@ -124,6 +125,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
             t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
             scores = fold_scores(t_te, p_te, thresholds, decisions)
             extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, val_names, test_names)
+            extra += _runtime_rows(recipe, k, result, data_dir, test_names, p_te, (thresholds, decisions))
             kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
                     "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]]}
             new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores, **kept}, *extra]
@@ -152,11 +154,16 @@ def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_na
                    test_names: list[str]) -> list[dict]:
     """Rows for the trained model scored again without flip TTA and in int8; no training time of their own."""
     attrs, extra = result.meta.attributes, []
-    if tta:  # a free ablation: the same model scored without the flip
-        t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=False)
-        t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=False)
-        extra.append({"recipe": f"{recipe} without flip TTA", "fold": k, "minutes": 0.0,
-                      **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
+    # A free ablation: the same model scored with the flip TTA switched the other way. A cross-fitted probe
+    # without TTA stores no out-of-fold flipped validation scores: that row keeps the model's own decisions.
+    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=not tta)
+    if tta or not result.meta.validation_scores:
+        t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=not tta)
+        decided = choose_decisions(t_val, p_val, attrs)
+    else:
+        decided = (result.meta.thresholds, result.meta.decisions)
+    extra.append({"recipe": f"{recipe} {'without' if tta else 'with'} flip TTA", "fold": k, "minutes": 0.0,
+                  **fold_scores(t_te, p_te, *decided)})
     if result.meta.int8:  # the same model in int8 (CPU inference), thresholds tuned in int8 too
         int8_model = Predictor(result.checkpoint, device="cpu", precision="int8")
         t_val, p_val, _, _ = score_folder(int8_model, data_dir, names=val_names)
@@ -164,6 +171,28 @@ def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_na
         extra.append({"recipe": f"{recipe} in int8", "fold": k, "minutes": 0.0,
                       **fold_scores(t_te, p_te, *choose_decisions(t_val, p_val, attrs))})
     return extra
+
+
+RUNTIME_ROWS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))  # deployed runtimes scored
+
+
+def _runtime_rows(recipe: str, k: int, result, data_dir: str, test_names: list[str],
+                  p_torch: np.ndarray, torch_decisions: tuple) -> list[dict]:
+    """Rows for the trained model exported and run on each installed ONNX runtime (``RUNTIME_ROWS``): its
+    held-out scores under torch's decisions (what a deployed model applies), and how far its probabilities
+    and decisions are from torch fp32 on the held-out fold."""
+    rows = []
+    for runtime, precision in RUNTIME_ROWS:
+        if runtime not in installed_runtimes():
+            continue
+        model = Predictor(result.checkpoint, device="cpu", runtime=runtime, precision=precision)
+        t_te, p_te, _, _ = score_folder(model, data_dir, names=test_names)
+        flips = apply_decisions(p_te, *torch_decisions) != apply_decisions(p_torch, *torch_decisions)
+        rows.append({"recipe": f"{recipe} on {runtime} {precision}", "fold": k, "minutes": 0.0,
+                     **fold_scores(t_te, p_te, *torch_decisions),
+                     "max_abs_diff_vs_torch": float(np.abs(p_te - p_torch).max()),
+                     "decision_flips_vs_torch": int(flips.sum())})
+    return rows
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
