@@ -34,8 +34,9 @@ notebooks: $(STAMP) ## after editing a notebook or its .py: sync the pair (the n
 train: $(STAMP) ## train with the CLI only (no notebooks): python -m aimonk train --data $(DATA)
 	$(PY) -m aimonk train --data $(DATA)
 
-test: $(STAMP) ## run every test, the notebooks included (what CI runs)
-	$(PY) -m pytest
+test: $(STAMP) ## run every test, the notebooks included (what CI runs); the runtime tests in a process of their own
+	$(PY) -m pytest -m "not deploy"
+	$(PY) -m pytest -m deploy tests
 
 test-fast: $(STAMP) ## unit tests only, skipping slow ones and the notebooks
 	$(PY) -m pytest tests -m "not slow"

@@ -19,6 +19,10 @@ def pytest_configure(config):
     # exceeds its high-water mark (1000), the final "idle" included; per-batch progress-bar widget
     # updates over a 20-epoch training cell come close to that. Fewer updates keep it well below.
     os.environ.setdefault("TQDM_MININTERVAL", "5")
+    # Tests and notebooks under test run models on torch, the reference, unless a test asks for another
+    # runtime: ONNX Runtime and OpenVINO load only in tests/test_export.py (marked "deploy"), which
+    # `make test` runs in a pytest process of its own, and which checks the default, auto, itself.
+    os.environ.setdefault("AIMONK_RUNTIME", "torch")
     if all(var in os.environ for var, _ in _VARS):
         return
     root = Path(tempfile.mkdtemp(prefix="aimonk-tests-"))

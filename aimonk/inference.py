@@ -204,7 +204,7 @@ def int8_problem(meta: CheckpointMeta, device: torch.device) -> str | None:
 
 INFER_BATCH = 32  # images per batch in predict_many, and the batch precision "auto" is measured at
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")  # what runs the model (see Predictor)
-DEFAULT_RUNTIME = "torch"  # the reference; "auto" picks a faster verified runtime where one is installed
+RUNTIME_ENV = "AIMONK_RUNTIME"  # the runtime when none is given; unset: "auto" (e.g. AIMONK_RUNTIME=torch keeps torch)
 EXPORT_CACHE_NAME = "onnx"  # checkpoints exported for the ONNX runtimes, under config.CACHE_DIR
 RUNTIME_CACHE_NAME = "runtime.json"  # runtime "auto"'s measured choices, under config.CACHE_DIR
 PARITY_IMAGES = 8  # images that runtime "auto" verifies and times each runtime on
@@ -222,7 +222,7 @@ class Predictor:
         precision: ``"auto"`` (per backbone and device), fp32, bf16, fp16, or int8 (CPU, for a
             checkpoint that carries int8 calibration; see ``aimonk.int8``). The ONNX runtimes run
             what was exported (fp32, or an int8 export).
-        runtime: ``None`` (``DEFAULT_RUNTIME`` for a checkpoint, ``"auto"`` for an export), ``"torch"``
+        runtime: ``None`` (``default_runtime()``: ``$AIMONK_RUNTIME``, else ``"auto"``), ``"torch"``
             (the reference), ``"onnxruntime"``, ``"openvino"``, or ``"auto"``: the
             fastest installed runtime whose probabilities match torch fp32 on ``PARITY_IMAGES``
             images (within ``PARITY_TOLERANCE``, no decision flip); the choice is measured once per
@@ -238,7 +238,9 @@ class Predictor:
     def __init__(self, model_path: str | os.PathLike = config.DEFAULT_MODEL, device: str = "auto",
                  precision: str = "auto", runtime: str | None = None, artifact: str | os.PathLike | None = None):
         self.path = Path(model_path)
-        runtime = runtime or ("auto" if is_artifact(self.path) else DEFAULT_RUNTIME)
+        runtime = runtime or default_runtime()
+        if runtime == "torch" and is_artifact(self.path) and os.environ.get(RUNTIME_ENV):
+            runtime = "auto"  # the environment's torch default, for a file that only the ONNX runtimes run
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
@@ -430,6 +432,19 @@ class Predictor:
             probabilities={a: round(float(p), 4) for a, p in zip(self.attributes, probs)},
             thresholds={a: float(t) for a, t in zip(self.attributes, thr)},
         )
+
+
+
+def default_runtime() -> str:
+    """The runtime used when none is given: ``$AIMONK_RUNTIME`` if set, else ``"auto"``.
+
+    Raises:
+        ValueError: if ``$AIMONK_RUNTIME`` names no runtime.
+    """
+    value = os.environ.get(RUNTIME_ENV) or "auto"
+    if value not in RUNTIMES:
+        raise ValueError(f"${RUNTIME_ENV}={value!r}: the runtime must be one of {', '.join(RUNTIMES)}")
+    return value
 
 
 

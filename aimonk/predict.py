@@ -23,7 +23,7 @@ def predict(image: ImageSource, model: str | os.PathLike | Predictor = config.DE
         model: a checkpoint path, or a model exported from one (``.onnx``), loaded once and cached; or a ``Predictor``.
         threshold: one threshold for all attributes; ``None`` uses the checkpoint's tuned decisions.
         show: print ``Image: ...`` / ``Attributes present: [...]``.
-        runtime: torch, onnxruntime, openvino or auto; None: torch for a checkpoint, auto for an export
+        runtime: torch, onnxruntime, openvino or auto; None: $AIMONK_RUNTIME if set, else auto
             (see ``Predictor``). Ignored for a ``Predictor``.
     Returns:
         A ``PredictionResult``.

@@ -210,8 +210,8 @@ def upload_panel(model_path: str | os.PathLike | Predictor = config.DEFAULT_MODE
             checkpoint's tuned decisions (``None``).
         display_size: side in pixels of the square the uploaded image is shown in.
         max_bytes: largest accepted upload (default ``config.MAX_UPLOAD_BYTES``).
-        runtime: what runs the model: torch, onnxruntime, openvino or auto (``None``: torch for a
-            checkpoint, auto for an exported ``.onnx``; see ``Predictor``).
+        runtime: what runs the model: torch, onnxruntime, openvino or auto (``None``: ``$AIMONK_RUNTIME``
+            if set, else auto; see ``Predictor``).
     Returns:
         An ``UploadPanel`` (an ipywidgets ``VBox``). If the model cannot be loaded, the panel
         says why and its upload button is disabled.

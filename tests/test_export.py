@@ -24,7 +24,7 @@ from aimonk.files import file_sha256
 from aimonk.inference import PARITY_TOLERANCE, Predictor
 
 onnx = pytest.importorskip("onnx")
-pytestmark = pytest.mark.slow  # every test here exports a model: seconds each
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]  # every test here exports a model: seconds each
 RUNTIMES = ["onnxruntime", "openvino"]
 
 
@@ -178,6 +178,30 @@ def test_runtime_auto_picks_a_verified_runtime_and_says_so_once(checkpoint, samp
     assert second.runtime == first.runtime and "runtime auto" not in capsys.readouterr().err
     images = sample_images(sample_dir, 32)
     assert_parity(torch_reference(checkpoint, images), second.probabilities(images), second.meta)
+
+
+def test_auto_is_the_default_runtime_and_the_environment_can_change_it(checkpoint, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.delenv("AIMONK_RUNTIME", raising=False)
+    chosen = Predictor(checkpoint).runtime  # measured (or cached) as runtime "auto" chooses
+    assert chosen == Predictor(checkpoint, runtime="auto").runtime
+    assert json.loads((config.CACHE_DIR / "runtime.json").read_text())  # the choice auto made, cached
+    monkeypatch.setenv("AIMONK_RUNTIME", "torch")
+    assert Predictor(checkpoint).runtime == "torch"
+    monkeypatch.setenv("AIMONK_RUNTIME", "tensorrt")
+    with pytest.raises(ValueError, match=r"\$AIMONK_RUNTIME='tensorrt': the runtime must be one of auto, torch"):
+        Predictor(checkpoint)
+
+
+def test_openvino_runs_an_fp32_export_in_bf16_only_when_asked(checkpoint, sample_dir):
+    pytest.importorskip("openvino")
+    images = sample_images(sample_dir, 32, 8)
+    bf16 = Predictor(checkpoint, runtime="openvino", precision="bf16")
+    assert (bf16.runtime, bf16.precision) == ("openvino", "bf16")
+    probs = bf16.probabilities(images)
+    assert probs.shape == (8, len(bf16.attributes)) and np.isfinite(probs).all()
+    with pytest.raises(ValueError, match="openvino in bf16 too"):
+        Predictor(checkpoint, runtime="onnxruntime", precision="bf16")
 
 
 def test_evaluate_gives_the_same_report_on_each_runtime(checkpoint, sample_dir, capsys):
@@ -443,3 +467,35 @@ def test_a_damaged_or_altered_openvino_ir_is_refused(exported, tmp_path, kind, m
         xml.write_bytes(xml.read_bytes()[: xml.stat().st_size // 2])
     with pytest.raises(ArtifactError, match=message):
         Predictor(xml)
+
+
+# --------------------------------------------------------------------------- the speed benchmark of a trained model
+
+
+def test_speed_benchmark_measures_a_checkpoint_on_every_runtime_against_the_original_loop(checkpoint, sample_dir,
+                                                                                           tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from aimonk.backends import installed_runtimes
+    from aimonk.benchmark.report import render_all
+    from aimonk.benchmark.speed import main as speed_main
+
+    out = tmp_path / "bench" / "deployed_sample.json"
+    assert speed_main(["--model", str(checkpoint), "--data", str(sample_dir), "--limit", "8", "--latency-calls", "2",
+                       "--infer-batch-size", "4", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "deployed" and record["n_images"] == 8
+    labels = set(record["variants"])
+    assert {label.split()[0] for label in labels} == {"torch", *installed_runtimes()}
+    assert record["auto_choice"] in labels and "openvino bf16" in labels  # bf16: measured, never chosen by auto
+    for label, v in record["variants"].items():
+        p, o, r = v["project"], v["original"], v["ratios"]
+        for key in ("infer", "infer_model_only", "latency_ms", "peak_rss_mb"):
+            assert p[key] > 0 and o[key] > 0, (label, key)
+            assert r[key] == pytest.approx(p[key] / o[key]), (label, key)
+        assert label in printed
+    tables = render_all(out.parent)
+    md = tables[out.with_suffix(".md")]
+    assert f"runtime `auto` chooses here: **{record['auto_choice']}**" in md
+    assert all(f"| {label} |" in md for label in labels)
+    assert f"speed, trained model on runtime auto ({record['auto_choice']})" in tables[out.parent / "summary.md"]

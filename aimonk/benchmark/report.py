@@ -172,7 +172,9 @@ def quality_summary(record: dict) -> list[dict]:
         auc, chance = stats["macro_auc"], stats["chance_auc"]
         signal = None if recipe == "majority" else auc[0] - 2 * auc[1] - chance[0] >= SIGNAL_MARGIN
         out.append({"recipe": recipe, "folds": len(rows), "stats": stats, "per_fold": [r["macro_ap"] for r in rows],
-                    "n_fallback": [r.get("n_fallback", 0) for r in rows], "signal": signal})
+                    "n_fallback": [r.get("n_fallback", 0) for r in rows], "signal": signal,
+                    "vs_torch": [(r["max_abs_diff_vs_torch"], r["decision_flips_vs_torch"]) for r in rows
+                                 if "decision_flips_vs_torch" in r]})
     return out
 
 
@@ -194,7 +196,10 @@ def render_quality(record: dict, source: str) -> str:
             continue
         ap = " / ".join(f"{a:.3f}" for a in s["per_fold"])
         fallback = " / ".join(str(n) for n in s["n_fallback"])
-        lines.append(f"- {s['recipe']}: macro AP {ap}; attributes left to the majority decision {fallback}")
+        lines.append(f"- {s['recipe']}: macro AP {ap}; attributes left to the majority decision {fallback}"
+                     + ("; against torch fp32 on the held-out fold: max |Δp| "
+                        + " / ".join(f"{d:.1e}" for d, _ in s["vs_torch"]) + ", decision flips "
+                        + " / ".join(str(n) for _, n in s["vs_torch"]) if s["vs_torch"] else ""))
     lines += ["", "Verdict (signal: mean macro ROC-AUC − 2 std ≥ chance AUC + "
               f"{SIGNAL_MARGIN}):", ""]
     for s in summary:
@@ -289,6 +294,37 @@ def render_speed(record: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_deployed(record: dict, source: str) -> str:
+    """The markdown beside a ``speed --model`` JSON: the model, then each runtime against the original loop."""
+    probe = record.get("probe") or {}
+    load = record.get("load_average") or [None, None]
+    lines = [GENERATED.format(source=source), "",
+             f"# Speed of a trained model: `{record['model']}` on `{record['data_dir']}`, {record['n_images']} images",
+             "", *_run_lines(record),
+             f"- model: {record['backbone']}" + (f" averaged with a probe on frozen {' + '.join(probe['backbones'])}"
+                                                 if probe.get("backbones") else "")
+             + f", {record['image_size']} px, flip TTA {'on' if record['tta'] else 'off'}",
+             f"- batch {record['batch_size']}, latency median of {record['latency_calls']} calls, "
+             f"{record['threads']} torch threads" + (f", load average {load[0]:.1f} → {load[1]:.1f} during the run"
+                                                      if None not in load else ""),
+             f"- runtime `auto` chooses here: **{record['auto_choice']}** (the fastest that matches torch fp32)",
+             "", "Each runtime runs in turns with the seed's inference loop (an untrained ResNet18 at 224 px, PIL "
+             "decode, fp32 NCHW) on the same files (`python -m aimonk.benchmark speed --help`). Ratios are this "
+             "model over that loop: above 1 is faster for throughput, below 1 is faster for latency."
+             + (" **The machine was busy with other work**: the ratios are rougher than usual." if _busy(record) else ""),
+             "", "| runtime | from files, img/s (ratio) | model only, img/s (ratio) | single-image latency, ms (ratio) "
+             "| peak RSS, MiB |", "|---|---|---|---|---|"]
+    for label, v in record["variants"].items():
+        p, r = v["project"], v["ratios"]
+        lines.append(f"| {label} | {p['infer']:.1f} ({r['infer']:.2f}x) | {p['infer_model_only']:.1f} "
+                     f"({r['infer_model_only']:.2f}x) | {p['latency_ms']:.1f} ({r['latency_ms']:.2f}x) | "
+                     f"{p['peak_rss_mb']:.0f} |")
+    o = next(iter(record["variants"].values()))["original"]
+    lines += ["", f"The original loop in the first block: {o['infer']:.1f} img/s from files, {o['infer_model_only']:.1f} "
+              f"img/s model only, {o['latency_ms']:.1f} ms per image."]
+    return "\n".join(lines) + "\n"
+
+
 def _busy(record: dict) -> bool:
     """Whether other work loaded the machine during a speed run (load average above the core count)."""
     load = [x for x in record.get("load_average") or [] if x is not None]
@@ -300,6 +336,8 @@ def _glance_rows(name: str, record: dict) -> list[str]:
     link = f"[{md}](reports/benchmarks/{md})"
     if record["benchmark"] == "audit":
         return [_audit_glance(record, link)]
+    if record["benchmark"] == "deployed":
+        return [_deployed_glance(record, link)]
     if record["benchmark"] == "quality":
         summary = quality_summary(record)
         majority = next((s for s in summary if s["recipe"] == "majority"), None)
@@ -331,6 +369,19 @@ def _glance_rows(name: str, record: dict) -> list[str]:
         note += " (**busy machine**: ratios understated)"
     return [f"| speed, project loop / original loop | `{cfg['data_dir']}` | {', '.join(figures)} | "
             f"the original loop, in turns | {note} | {link} |"]
+
+
+def _deployed_glance(record: dict, link: str) -> str:
+    choice = record["variants"].get(record["auto_choice"]) or next(iter(record["variants"].values()))
+    r, p = choice["ratios"], choice["project"]
+    torch_row = next((v for label, v in record["variants"].items() if label.startswith("torch")), None)
+    before = (f"; on torch {torch_row['ratios']['infer']:.2f}x, {torch_row['project']['latency_ms']:.0f} ms"
+              if torch_row and torch_row is not choice else "")
+    note = f"{record['n_images']} images, {record['backbone']}{' + probe' if record.get('probe') else ''}, " \
+           f"TTA {'on' if record['tta'] else 'off'}" + (" (**busy machine**)" if _busy(record) else "")
+    return (f"| speed, trained model on runtime auto ({record['auto_choice']}) | `{record['data_dir']}` | from files "
+            f"{r['infer']:.2f}x, model only {r['infer_model_only']:.2f}x, latency {p['latency_ms']:.1f} ms"
+            f"{before} | the original ResNet18 loop, in turns | {note} | {link} |")
 
 
 def _audit_glance(record: dict, link: str) -> str:
@@ -413,7 +464,7 @@ def render_all(folder: Path, readme: Path | None = None) -> dict[Path, str]:
     return out
 
 
-RENDERERS = {"quality": render_quality, "speed": render_speed, "audit": render_audit}
+RENDERERS = {"quality": render_quality, "speed": render_speed, "audit": render_audit, "deployed": render_deployed}
 
 
 def orphan_tables(folder: Path, files: dict[Path, str]) -> list[Path]:

@@ -24,7 +24,8 @@ multiply-add count that model cards quote), a training step as 3 forward passes.
 peak is the best of a few large bf16 matmuls (2 n^3 FLOP each) measured here, not a datasheet
 figure. A run's figures are in its JSON and table under ``reports/benchmarks/``.
 
-``--tune`` runs the tuning experiments of ``aimonk.benchmark.tune`` instead.
+``--tune`` runs the tuning experiments of ``aimonk.benchmark.tune`` instead, and ``--model M`` measures a trained
+checkpoint on every runtime against the original inference loop (``aimonk.benchmark.deployed``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from aimonk.benchmark.measure import (
     sync,
     timed,
 )
+from aimonk.benchmark.deployed import compare_model, format_model_report
 from aimonk.benchmark.original import (
     OriginalDataset,
     original_infer,
@@ -471,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="tuning: also measure torch.compile")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="also compare inference with the project's model in int8 (CPU, ResNet18)")
+    p.add_argument("--model", default=None,
+                   help="measure this trained checkpoint on every runtime against the original ResNet18 inference "
+                        "loop instead (aimonk.benchmark.deployed); --data, --limit, --infer-batch-size and "
+                        "--latency-calls apply")
+    p.add_argument("--runtimes", default="", help="with --model: comma-separated runtimes (default: all installed)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p
 
@@ -479,11 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m aimonk.benchmark speed``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = vars(build_parser().parse_args(argv))
-    json_path, run_tune = a.pop("json"), a.pop("tune")
+    json_path, run_tune, model, runtimes = a.pop("json"), a.pop("tune"), a.pop("model"), a.pop("runtimes")
     info = run_info("speed", argv)  # the machine, versions, command and date, taken before the run loads the machine
     cfg = SpeedConfig(**a)
     try:
-        if run_tune:
+        if model:
+            res = compare_model(model, cfg.data_dir, [r for r in runtimes.split(",") if r] or None, cfg.limit,
+                                cfg.infer_batch_size, cfg.latency_calls)
+            print()
+            print(format_model_report(res))
+        elif run_tune:
             res = tune(cfg)
         else:
             res = compare(cfg)
@@ -493,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if json_path:
-        atomic_write_text(json_path, json.dumps({"benchmark": "speed", "run": info, **res}, indent=1, default=str))
+        record = {"benchmark": "deployed" if model else "speed", "run": info, **res}
+        atomic_write_text(json_path, json.dumps(record, indent=1, default=str))
     return 0
 
 
