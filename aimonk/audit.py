@@ -177,7 +177,9 @@ def finetuned_probabilities(data_dir: str | os.PathLike, labels: str | os.PathLi
                                            "out": os.path.join(work, f"fold{k}.pth"), "loss_plot": "", "seed": seed,
                                            "progress": progress})
             result = train(cfg, names=[names[i] for i in rest])
-            _, p, scored, _ = score_folder(result.checkpoint, data_dir, names=[names[i] for i in held], labels=labels)
+            # torch: an ONNX runtime loaded here would share the process with the next fold's DataLoader workers
+            _, p, scored, _ = score_folder(result.checkpoint, data_dir, names=[names[i] for i in held], labels=labels,
+                                           runtime="torch")
             probs[[row[n] for n in scored]] = p
     return probs
 

@@ -33,17 +33,17 @@ def _labelled_rows(predictor, data_dir: str | os.PathLike, names: Sequence[str] 
 
 def score_folder(model_path: "str | os.PathLike | Predictor", data_dir: str | os.PathLike,
                  names: Sequence[str] | None = None, cache_dir: str | None = None, progress: bool = False,
-                 tta: bool | None = None, labels: str | os.PathLike | None = None):
+                 tta: bool | None = None, labels: str | os.PathLike | None = None, runtime: str | None = None):
     """Probabilities of a checkpoint on a labelled folder (optionally only the rows in ``names``).
 
     ``model_path`` is a checkpoint path or a loaded ``Predictor``. ``tta`` (flip test-time
     augmentation) defaults to the checkpoint's own setting. ``labels`` replaces ``data_dir/labels.txt``
-    (e.g. a reviewed labels file).
+    (e.g. a reviewed labels file). ``runtime`` is the ``Predictor``'s for a path (None: its default).
 
     Returns:
         ``(targets, probs, names, predictor)`` for the readable, present images.
     """
-    predictor = model_path if isinstance(model_path, Predictor) else Predictor(model_path)
+    predictor = model_path if isinstance(model_path, Predictor) else Predictor(model_path, runtime=runtime)
     index, rows = _labelled_rows(predictor, data_dir, names, labels)
     cache = DecodedCache([index.paths[i] for i in rows], predictor.image_size, cache_dir, progress=progress)
     ok = cache.ok
@@ -54,18 +54,18 @@ def score_folder(model_path: "str | os.PathLike | Predictor", data_dir: str | os
 
 def validation_scores(model_path: str | os.PathLike, data_dir: str | os.PathLike, names: Sequence[str],
                       cache_dir: str | None = None, progress: bool = False, tta: bool | None = None,
-                      labels: str | os.PathLike | None = None):
+                      labels: str | os.PathLike | None = None, runtime: str | None = None):
     """Probabilities of a checkpoint on its validation images, for choosing decisions honestly.
 
     A model trained with ``probe_cross_fit`` has seen the validation images (its probe was refitted on
     them), so scoring them again would flatter it. Its checkpoint stores out-of-fold scores instead
     (``CheckpointMeta.validation_scores``, from probes that did not see the image scored), and those are
-    returned. Any other checkpoint is scored as ``score_folder`` does.
+    returned. Any other checkpoint is scored as ``score_folder`` does, on ``runtime``.
 
     Returns:
         ``(targets, probs, names, predictor)`` like ``score_folder``.
     """
-    predictor = Predictor(model_path)
+    predictor = Predictor(model_path, runtime=runtime)
     stored = predictor.meta.validation_scores
     if not stored:
         return score_folder(predictor, data_dir, names=names, cache_dir=cache_dir, progress=progress, tta=tta,

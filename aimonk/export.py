@@ -415,7 +415,7 @@ def _card_evaluation(checkpoint: Path, meta: CheckpointMeta, data: DatasetIndex 
         return "\n".join(lines + [f"No validation report: {why}."])
     with warnings.catch_warnings():  # the folder's missing images were reported when it was indexed
         warnings.simplefilter("ignore", UserWarning)
-        targets, probs, _, _ = validation_scores(checkpoint, data.root, names)
+        targets, probs, _, _ = validation_scores(checkpoint, data.root, names, runtime="torch")
     report = attribute_report(targets, probs, meta.attributes, meta.thresholds, meta.decisions)
     honest = "out-of-fold scores stored in the checkpoint" if meta.validation_scores else "the saved model"
     lines += [f"Validation split: {len(targets)} images held out from training, scored by {honest}. AP and ROC-AUC "

@@ -504,3 +504,27 @@ def test_speed_benchmark_measures_a_checkpoint_on_every_runtime_against_the_orig
     assert f"runtime `auto` chooses here: **{record['auto_choice']}**" in md
     assert all(f"| {label} |" in md for label in labels)
     assert f"speed, trained model on runtime auto ({record['auto_choice']})" in tables[out.parent / "summary.md"]
+
+
+# --------------------------------------------------------------------------- the quality benchmark on each runtime
+
+
+def test_quality_benchmark_scores_each_trained_model_on_each_runtime(sample_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from aimonk.backends import installed_runtimes
+    from aimonk.benchmark import quality
+
+    pairs = [("onnxruntime", "fp32"), ("openvino", "fp32")]
+    df = quality.run(str(sample_dir), ["original"], folds=2, epochs=1, image_size=32, run_folds=1,
+                     workdir=str(tmp_path), runtimes=pairs)
+    torch_row = df[df.recipe == "original"].iloc[0]
+    for runtime, precision in pairs:
+        rows = df[df.recipe == f"original on {runtime} {precision}"]
+        if runtime not in installed_runtimes():
+            assert rows.empty
+            continue
+        row = rows.iloc[0]
+        # fp32 on another runtime: the same model, within the export's parity tolerance and without a flip
+        assert row.minutes == 0 and row.max_abs_diff_vs_torch <= PARITY_TOLERANCE
+        assert row.decision_flips_vs_torch == 0
+        assert row.macro_ap == pytest.approx(torch_row.macro_ap, abs=0.02)  # the torch row runs at precision auto

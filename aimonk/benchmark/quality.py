@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -89,14 +90,19 @@ FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "epochs": 0, "freeze_epochs": 0, "head_
 (``train`` fits the head by ``linear_probe_head`` and trains no epoch)."""
 
 
+TORCH = "torch"  # the trained models are scored in torch here; the exported runtimes in a process of their own
+RUNTIME_ROWS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))  # deployed runtimes scored
+
+
 def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs: int | None = None,
         image_size: int | None = None, workdir: str | None = None, progress: bool = False,
         run_folds: int | None = None, overrides: dict | None = None, only_fold: int | None = None,
-        train_seed: int | None = None) -> pd.DataFrame:
+        train_seed: int | None = None, runtimes=RUNTIME_ROWS) -> pd.DataFrame:
     """Run every recipe on every fold and return one row per (recipe, fold).
 
     ``seed`` draws the folds and, unless ``train_seed`` is given, seeds training too; a separate
     ``train_seed`` retrains on the same folds with another initialisation, split and data order.
+    ``runtimes`` lists the (runtime, precision) pairs each trained model is also scored on, exported.
     """
     index = index_dataset(data_dir)
     digests = [file_digest(p) for p in index.paths]
@@ -120,12 +126,13 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                                  seed if train_seed is None else train_seed, epochs, image_size, overrides, progress)
             result = train(cfg, names=list(names[train_rows]))
             val_names = result.meta.split["val"]
-            t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names)
+            t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, runtime=TORCH)
             thresholds, decisions = choose_decisions(t_val, p_val, result.meta.attributes)
-            t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names)
+            t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, runtime=TORCH)
             scores = fold_scores(t_te, p_te, thresholds, decisions)
             extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, val_names, test_names)
-            extra += _runtime_rows(recipe, k, result, data_dir, test_names, p_te, (thresholds, decisions))
+            extra += _runtime_rows(runtimes, recipe, k, result.checkpoint, data_dir, test_names,
+                                   (thresholds, decisions))
             kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
                     "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]]}
             new = [{"recipe": recipe, "fold": k, "minutes": (time.perf_counter() - t0) / 60, **scores, **kept}, *extra]
@@ -156,9 +163,10 @@ def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_na
     attrs, extra = result.meta.attributes, []
     # A free ablation: the same model scored with the flip TTA switched the other way. A cross-fitted probe
     # without TTA stores no out-of-fold flipped validation scores: that row keeps the model's own decisions.
-    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=not tta)
+    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=not tta,
+                                  runtime=TORCH)
     if tta or not result.meta.validation_scores:
-        t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=not tta)
+        t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=not tta, runtime=TORCH)
         decided = choose_decisions(t_val, p_val, attrs)
     else:
         decided = (result.meta.thresholds, result.meta.decisions)
@@ -173,26 +181,37 @@ def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_na
     return extra
 
 
-RUNTIME_ROWS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))  # deployed runtimes scored
+def _runtime_rows(runtimes, recipe: str, k: int, checkpoint: str, data_dir: str, test_names: list[str],
+                  decisions: tuple) -> list[dict]:
+    """Rows for the trained model exported and run on each installed runtime of ``runtimes``: its held-out
+    scores under the model's own decisions (what a deployed model applies), and how far its probabilities
+    and decisions are from torch fp32 on the held-out fold.
 
-
-def _runtime_rows(recipe: str, k: int, result, data_dir: str, test_names: list[str],
-                  p_torch: np.ndarray, torch_decisions: tuple) -> list[dict]:
-    """Rows for the trained model exported and run on each installed ONNX runtime (``RUNTIME_ROWS``): its
-    held-out scores under torch's decisions (what a deployed model applies), and how far its probabilities
-    and decisions are from torch fp32 on the held-out fold."""
+    The runtimes run in a spawned process of their own: ONNX Runtime and OpenVINO loaded here would
+    share this process with the next fold's forked DataLoader workers, which can then crash it.
+    """
+    wanted = [(r, p) for r, p in runtimes if r in installed_runtimes()]
+    if not wanted:
+        return []
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        targets, p_fp32, scored = pool.apply(_score_on_runtimes, (wanted, str(checkpoint), str(data_dir), test_names))
     rows = []
-    for runtime, precision in RUNTIME_ROWS:
-        if runtime not in installed_runtimes():
-            continue
-        model = Predictor(result.checkpoint, device="cpu", runtime=runtime, precision=precision)
-        t_te, p_te, _, _ = score_folder(model, data_dir, names=test_names)
-        flips = apply_decisions(p_te, *torch_decisions) != apply_decisions(p_torch, *torch_decisions)
+    for (runtime, precision), probs in zip(wanted, scored):
+        flips = apply_decisions(probs, *decisions) != apply_decisions(p_fp32, *decisions)
         rows.append({"recipe": f"{recipe} on {runtime} {precision}", "fold": k, "minutes": 0.0,
-                     **fold_scores(t_te, p_te, *torch_decisions),
-                     "max_abs_diff_vs_torch": float(np.abs(p_te - p_torch).max()),
+                     **fold_scores(targets, probs, *decisions),
+                     "max_abs_diff_vs_torch": float(np.abs(probs - p_fp32).max()),
                      "decision_flips_vs_torch": int(flips.sum())})
     return rows
+
+
+def _score_on_runtimes(wanted, checkpoint: str, data_dir: str, test_names: list[str]):
+    """Targets, torch fp32 probabilities and one probability array per (runtime, precision) on the named images."""
+    targets, p_fp32, _, _ = score_folder(Predictor(checkpoint, device="cpu", precision="fp32"), data_dir,
+                                         names=test_names)
+    scored = [score_folder(Predictor(checkpoint, device="cpu", runtime=runtime, precision=precision), data_dir,
+                           names=test_names)[1] for runtime, precision in wanted]
+    return targets, p_fp32, scored
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -223,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None,
                    help="keep the trained checkpoints here as RECIPE_FOLD.pth (default: a new temporary folder)")
     p.add_argument("--json", default=None, help="also write the per-fold rows to this JSON file")
+    p.add_argument("--runtimes", default=",".join(f"{r}:{q}" for r, q in RUNTIME_ROWS), type=_runtime_pairs,
+                   help="comma-separated RUNTIME:PRECISION each trained model is also exported to and scored on "
+                        "(those installed), or 'none' (default: %(default)s)")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     start, info = time.perf_counter(), run_info("quality", argv)
@@ -235,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
     df = run(a.data, [r.strip() for r in a.recipes.split(",") if r.strip()], a.folds, a.seed, a.epochs, a.image_size,
              run_folds=a.run_folds, overrides=overrides, only_fold=a.fold,
-             train_seed=a.train_seed, workdir=a.workdir)
+             train_seed=a.train_seed, workdir=a.workdir, runtimes=a.runtimes)
     table = summary_table(df)
     print(f"\nQuality on {a.data}: {a.folds} folds, mean ± std across folds (held-out fold scores)")
     print(table.to_markdown() if _has_tabulate() else table.to_string())
@@ -246,6 +268,20 @@ def main(argv: list[str] | None = None) -> int:
         record = {"benchmark": "quality", "run": info, "data": a.data, "folds": a.folds, "rows": rows}
         atomic_write_text(a.json, json.dumps(record, indent=1))
     return 0
+
+
+def _runtime_pairs(text: str) -> list[tuple[str, str]]:
+    """``onnxruntime:fp32,openvino:bf16`` as pairs; ``none`` (or nothing) as no pair."""
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if item == "none":
+            continue
+        runtime, sep, precision = item.partition(":")
+        if not sep or runtime not in ("onnxruntime", "openvino") or precision not in ("fp32", "bf16", "int8"):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected RUNTIME:PRECISION, RUNTIME onnxruntime or "
+                                             f"openvino, PRECISION fp32, bf16 or int8")
+        pairs.append((runtime, precision))
+    return pairs
 
 
 def _has_tabulate() -> bool:
