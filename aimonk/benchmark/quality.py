@@ -29,7 +29,7 @@ from aimonk.evaluate import score_folder, validation_scores
 from aimonk.files import atomic_write_text
 from aimonk.metrics import apply_decisions, choose_decisions, macro_average_precision, permutation_auc
 from aimonk.predict import Predictor
-from aimonk.train import PRETRAINED_RECIPE, RECIPES, TrainConfig, train
+from aimonk.train import PRETRAINED_12EP_RECIPE, PRETRAINED_RECIPE, RECIPES, TrainConfig, train
 
 
 def _macro(fn, targets: np.ndarray, values: np.ndarray) -> float:
@@ -84,7 +84,7 @@ def majority_scores(train_targets: np.ndarray, targets: np.ndarray) -> dict:
             "macro_f1_tuned": float(np.mean(f1s)), "chance_auc": 0.5, "n_fallback": 0}
 
 
-FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "epochs": 0, "freeze_epochs": 0, "head_init": "linear_probe", "tta": False,
+FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "image_size": 224, "epochs": 0, "freeze_epochs": 0, "head_init": "linear_probe", "tta": False,
                     "keep_best": False, "probe_ensemble": False}
 """A strong cheap reference: logistic regression on frozen EfficientNet-Lite0 ImageNet features
 (``train`` fits the head by ``linear_probe_head`` and trains no epoch)."""
@@ -108,7 +108,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     digests = [file_digest(p) for p in index.paths]
     fold_rows = make_folds(index.table.targets, digests, folds, seed)
     names = np.asarray(index.table.names)
-    recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE}
+    recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE, "pretrained_12ep": PRETRAINED_12EP_RECIPE}
     rows = []
     work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="folder with labels.txt and images/")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
     p.add_argument("--recipes", default="original,pretrained,frozen_lr",
-                   help="comma-separated: original, pretrained, frozen_lr")
+                   help="comma-separated: original, pretrained, frozen_lr, pretrained_12ep (the previous default)")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke runs)")
     p.add_argument("--image-size", type=int, default=None, help="override every recipe's image size (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")
