@@ -9,9 +9,10 @@
 # takes the recipe's value, and any parameter you pass overrides it:
 #
 # - **`pretrained`** (the default, the best recipe measured on real data that runs offline;
-#   `docs/quality.md`): EfficientNet-Lite0 with ImageNet weights from pip, 224 px, batch 32; the head
-#   trained alone for 2 epochs, then the whole network with the backbone at 0.3x the head's learning
-#   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 12 epochs in all); random
+#   `docs/quality.md`): EfficientNet-Lite0 with ImageNet weights from pip, 192 px, batch 32; the head
+#   trained alone for 1 epoch, then the whole network with the backbone at 0.3x the head's learning
+#   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 5 epochs in all: a third of
+#   the time of the earlier 12 epochs at 224 px, `reports/benchmarks/quality_clipart.md`); random
 #   resized crops and flips; no flip test-time augmentation (it added 0.003 held-out AP on clipart for
 #   twice the inference cost; `python -m aimonk train --tta` turns it on); the epoch with the best validation macro
 #   AP kept. The fine-tuned network is then averaged with a *probe*: per-attribute logistic

@@ -60,6 +60,20 @@ def test_quality_markdown_says_whether_there_is_signal(auc, verdict):
     assert ("no signal" in glance) == (auc < 0.6)
 
 
+def test_quality_markdown_times_the_default_recipe_against_the_one_it_was_cut_from():
+    record = _quality_record(0.94)
+    previous = [{**row, "recipe": "pretrained_12ep", "minutes": m}
+                for row, m in zip([r for r in record["rows"] if r["recipe"] == "pretrained"], (29.0, 30.0, 40.0))]
+    record["rows"] += previous
+    text = report.render_quality(record, "q.json")
+    # medians per fold: 10 against 30 minutes
+    assert "`pretrained` 10.0 min against `pretrained_12ep` 30.0 min, **0.33x** the time" in text
+    assert "- pretrained_12ep: macro AP 0.490 / 0.500 / 0.510; minutes 29.0 / 30.0 / 40.0;" in text
+    glance = report.render_glance({"q.json": record})
+    assert "10.0 min per fold (0.33x `pretrained_12ep`'s 30.0 min, in turns)" in glance
+    assert "time" not in report.render_quality(_quality_record(0.94), "q.json").split("Per fold")[1].lower()
+
+
 def test_speed_markdown_quotes_both_loops_and_their_ratio():
     loop = {"train_first": 10.0, "train_steady": 12.0, "infer": 30.0, "infer_model_only": 40.0, "latency_ms": 20.0,
             "peak_rss_mb": 1000.0, "train_share_bf16_peak": 0.4, "infer_model_only_share_bf16_peak": 0.5}

@@ -84,8 +84,8 @@ def majority_scores(train_targets: np.ndarray, targets: np.ndarray) -> dict:
             "macro_f1_tuned": float(np.mean(f1s)), "chance_auc": 0.5, "n_fallback": 0}
 
 
-FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "image_size": 224, "epochs": 0, "freeze_epochs": 0, "head_init": "linear_probe", "tta": False,
-                    "keep_best": False, "probe_ensemble": False}
+FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "image_size": 224, "epochs": 0, "freeze_epochs": 0, "head_init": "linear_probe",
+                    "tta": False, "keep_best": False, "probe_ensemble": False}
 """A strong cheap reference: logistic regression on frozen EfficientNet-Lite0 ImageNet features
 (``train`` fits the head by ``linear_probe_head`` and trains no epoch)."""
 

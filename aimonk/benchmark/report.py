@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,7 @@ def quality_summary(record: dict) -> list[dict]:
         auc, chance = stats["macro_auc"], stats["chance_auc"]
         signal = None if recipe == "majority" else auc[0] - 2 * auc[1] - chance[0] >= SIGNAL_MARGIN
         out.append({"recipe": recipe, "folds": len(rows), "stats": stats, "per_fold": [r["macro_ap"] for r in rows],
+                    "minutes": [r["minutes"] for r in rows],
                     "n_fallback": [r.get("n_fallback", 0) for r in rows], "signal": signal,
                     "vs_torch": [(r["max_abs_diff_vs_torch"], r["decision_flips_vs_torch"]) for r in rows
                                  if "decision_flips_vs_torch" in r]})
@@ -196,10 +198,13 @@ def render_quality(record: dict, source: str) -> str:
             continue
         ap = " / ".join(f"{a:.3f}" for a in s["per_fold"])
         fallback = " / ".join(str(n) for n in s["n_fallback"])
-        lines.append(f"- {s['recipe']}: macro AP {ap}; attributes left to the majority decision {fallback}"
+        minutes = " / ".join(f"{m:.1f}" for m in s["minutes"]) if max(s["minutes"]) > 0 else ""
+        lines.append(f"- {s['recipe']}: macro AP {ap}; " + (f"minutes {minutes}; " if minutes else "")
+                     + f"attributes left to the majority decision {fallback}"
                      + ("; against torch fp32 on the held-out fold: max |Δp| "
                         + " / ".join(f"{d:.1e}" for d, _ in s["vs_torch"]) + ", decision flips "
                         + " / ".join(str(n) for _, n in s["vs_torch"]) if s["vs_torch"] else ""))
+    lines += _time_ratio_lines(summary)
     lines += ["", "Verdict (signal: mean macro ROC-AUC − 2 std ≥ chance AUC + "
               f"{SIGNAL_MARGIN}):", ""]
     for s in summary:
@@ -209,6 +214,28 @@ def render_quality(record: dict, source: str) -> str:
         word = "**learned signal**" if s["signal"] else "**no signal**: it ranks at chance"
         lines.append(f"- {s['recipe']}: {word} (macro AUC {_pm(*auc, s['folds'])}, chance {chance[0]:.3f})")
     return "\n".join(lines) + "\n"
+
+
+PREVIOUS_RECIPE = "pretrained_12ep"  # the recipe the default was cut down from; timed in turns with it
+
+
+def time_ratio(summary: list[dict]) -> tuple[float, float, float] | None:
+    """``(default minutes, previous minutes, ratio)`` per fold (medians over the folds both ran), when the
+    run trained both ``pretrained`` and ``PREVIOUS_RECIPE``; else None."""
+    by = {s["recipe"]: s for s in summary}
+    if "pretrained" not in by or PREVIOUS_RECIPE not in by:
+        return None
+    new, old = (float(statistics.median(by[r]["minutes"])) for r in ("pretrained", PREVIOUS_RECIPE))
+    return new, old, new / old
+
+
+def _time_ratio_lines(summary: list[dict]) -> list[str]:
+    ratio = time_ratio(summary)
+    if ratio is None:
+        return []
+    new, old, r = ratio
+    return ["", f"Time per fold, in turns in this run (median over folds, training and validation included): "
+                f"`pretrained` {new:.1f} min against `{PREVIOUS_RECIPE}` {old:.1f} min, **{r:.2f}x** the time."]
 
 
 def render_audit(record: dict, source: str) -> str:
@@ -349,10 +376,14 @@ def _glance_rows(name: str, record: dict) -> list[str]:
                 continue
             st = s["stats"]
             verdict = "signal" if s["signal"] else "**no signal** (chance)"
+            ratio = time_ratio(summary) if s["recipe"] == "pretrained" else None
+            took = f", {statistics.median(s['minutes']):.1f} min per fold" if max(s["minutes"]) > 0 else ""
+            if ratio:
+                took += f" ({ratio[2]:.2f}x `{PREVIOUS_RECIPE}`'s {ratio[1]:.1f} min, in turns)"
             rows.append(
                 f"| quality, `{s['recipe']}`, {_folds_scored(record)} | `{record['data']}` | "
                 f"AP {_pm(*st['macro_ap'], s['folds'])}, AUC {_pm(*st['macro_auc'], s['folds'])}, "
-                f"F1 {st['macro_f1_tuned'][0]:.3f} | {against}; chance AUC "
+                f"F1 {st['macro_f1_tuned'][0]:.3f}{took} | {against}; chance AUC "
                 f"{st['chance_auc'][0]:.3f} | {verdict} | {link} |")
         return rows
     p = record["project"]
