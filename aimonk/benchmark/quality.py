@@ -167,8 +167,7 @@ def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_na
     attrs, extra = result.meta.attributes, []
     # A free ablation: the same model scored with the flip TTA switched the other way. A cross-fitted probe
     # without TTA stores no out-of-fold flipped validation scores: that row keeps the model's own decisions.
-    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=not tta,
-                                  runtime=TORCH)
+    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, tta=not tta, runtime=TORCH)
     if tta or not result.meta.validation_scores:
         t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, tta=not tta, runtime=TORCH)
         decided = choose_decisions(t_val, p_val, attrs)
@@ -211,7 +210,7 @@ def _runtime_rows(runtimes, recipe: str, k: int, checkpoint: str, data_dir: str,
 
 def _score_on_runtimes(wanted, checkpoint: str, data_dir: str, test_names: list[str]):
     """Targets, torch fp32 probabilities and one probability array per (runtime, precision) on the named images."""
-    targets, p_fp32, _, _ = score_folder(Predictor(checkpoint, device="cpu", precision="fp32"), data_dir,
+    targets, p_fp32, _, _ = score_folder(Predictor(checkpoint, device="cpu", precision="fp32", runtime=TORCH), data_dir,
                                          names=test_names)
     scored = [score_folder(Predictor(checkpoint, device="cpu", runtime=runtime, precision=precision), data_dir,
                            names=test_names)[1] for runtime, precision in wanted]
