@@ -25,7 +25,7 @@ from aimonk.files import CheckpointError, safe_load
 class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    cpu_bf16: bool  # bf16 autocast helps on AMX/AVX512-BF16 CPUs
+    cpu_bf16_infer: bool  # precision auto may measure bf16 for inference on the CPU (training is always measured)
     feature_dim: int
     cpu_int8: bool = False  # quantizes to fast int8 kernels on x86 CPUs (aimonk.int8); training calibrates it
 
@@ -39,12 +39,12 @@ EFFICIENTNET_LITE_SHA256 = {
 }
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16=True, feature_dim=512,
+    "resnet18": BackboneSpec(config.IMAGENET_MEAN, config.IMAGENET_STD, cpu_bf16_infer=True, feature_dim=512,
                              cpu_int8=True),
     # The TF-Lite EfficientNets were trained on inputs scaled to [-1, 1]; lite1/lite2 are deeper and wider.
-    # fp32 for training and inference: bf16 gains nothing here, and bf16 features move the probe
-    # ensemble's single predictions (docs/speed.md).
-    **{name: BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16=False, feature_dim=1280)
+    # Inference stays fp32 on the CPU: bf16 features move the probe ensemble's single predictions
+    # (docs/speed.md). Training uses bf16 where precision auto measures it faster.
+    **{name: BackboneSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), cpu_bf16_infer=False, feature_dim=1280)
        for name in EFFICIENTNET_LITE_SHA256},
 }
 

@@ -14,7 +14,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 from torch import nn
 from torchvision.transforms import v2
 
@@ -66,16 +68,48 @@ def fit_logistic_head(head: nn.Linear, feats: np.ndarray, targets: np.ndarray, C
     """
     shift = np.zeros(feats.shape[1]) if shift is None else shift
     scale = np.ones(feats.shape[1]) if scale is None else scale
-    z = (feats - shift) / scale
+    for j, (coef, intercept) in enumerate(logistic_fits((feats - shift) / scale, targets, [C])[C]):
+        if coef is not None:
+            w = coef / scale
+            head.weight[j] = torch.from_numpy(w).to(head.weight)
+            head.bias[j] = float(intercept - w @ shift)
+
+
+def logistic_fits(z: np.ndarray, targets: np.ndarray, Cs: Sequence[float]) -> dict[float, list[tuple]]:
+    """Class-balanced L2 logistic regressions (sklearn, lbfgs) of every attribute on ``z``, for each C of ``Cs``.
+
+    With fewer rows than features (the probe's ~800 images and 2,560 features) the fits run on
+    ``z``'s row space (``z = U S Vt``, weights ``Vt.T @ a``): the L2-penalised optimum lies in the span
+    of the rows it is fitted on, so the solution is the same, with one column per row instead of one
+    per feature. The Cs run in increasing order, each fit starting from the previous one's solution.
+    numpy's BLAS runs on one thread here: beside torch's threads, two were 3x slower (docs/speed.md).
+
+    Returns:
+        ``{C: [(coef (D,), intercept) per attribute]}``, ``(None, None)`` for an attribute without both
+        known classes (NA labels, -1, are left out of each fit).
+    """
+    with threadpool_limits(1, user_api="blas"):  # 3x faster: numpy's BLAS threads contend with torch's
+        return _logistic_fits(z, targets, Cs)
+
+
+def _logistic_fits(z: np.ndarray, targets: np.ndarray, Cs: Sequence[float]) -> dict[float, list[tuple]]:
+    basis = None
+    if z.shape[0] < z.shape[1]:
+        _, s, vt = np.linalg.svd(z, full_matrices=False)
+        basis = vt[s > s[0] * 1e-10].T if len(s) and s[0] > 0 else vt.T  # (D, rank)
+        z = z @ basis
+    fits = {C: [(None, None)] * targets.shape[1] for C in Cs}
     for j in range(targets.shape[1]):
         known = targets[:, j] >= 0
         y = targets[known, j].astype(int)
-        if 0 < y.sum() < len(y):
-            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(z[known], y)
-            w = clf.coef_[0] / scale
-            head.weight[j] = torch.from_numpy(w).to(head.weight)
-            head.bias[j] = float(clf.intercept_[0] - w @ shift)
-
+        if not 0 < y.sum() < len(y):
+            continue
+        clf = LogisticRegression(max_iter=2000, class_weight="balanced", warm_start=True)
+        for C in sorted(Cs):
+            clf.set_params(C=C).fit(z[known], y)
+            coef = clf.coef_[0] if basis is None else basis @ clf.coef_[0]
+            fits[C][j] = (coef, float(clf.intercept_[0]))
+    return fits
 
 
 PROBE_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -97,12 +131,20 @@ def logistic_probabilities(feats: np.ndarray, targets: np.ndarray, C: float,
 
     An attribute with a single known class gets probability 0.5 everywhere.
     """
-    head = nn.Linear(feats.shape[1], targets.shape[1]).double()
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    fit_logistic_head(head, feats, targets, C, feats.mean(0), feats.std(0) + 1e-6)
-    with torch.no_grad():
-        return [torch.sigmoid(head(torch.from_numpy(f).double())).float().numpy() for f in predict_on]
+    return logistic_probabilities_by_C(feats, targets, [C], predict_on)[C]
+
+
+def logistic_probabilities_by_C(feats: np.ndarray, targets: np.ndarray, Cs: Sequence[float],
+                                predict_on: Sequence[np.ndarray]) -> dict[float, list[np.ndarray]]:
+    """``logistic_probabilities`` for each C of ``Cs``, sharing one standardisation and row space."""
+    shift, scale = feats.mean(0), feats.std(0) + 1e-6
+    views = [(f - shift) / scale for f in predict_on]
+    out = {}
+    for C, rows in logistic_fits((feats - shift) / scale, targets, Cs).items():
+        w = np.stack([np.zeros(feats.shape[1]) if c is None else c for c, _ in rows], 1)  # (D, A)
+        b = np.array([0.0 if i is None else i for _, i in rows])  # (A,)
+        out[C] = [expit(v @ w + b).astype(np.float32) for v in views]
+    return out
 
 
 
@@ -118,19 +160,26 @@ def out_of_fold_probabilities(base_feats: np.ndarray, base_targets: np.ndarray, 
     Returns:
         One (N, A) array per view.
     """
+    return out_of_fold_probabilities_by_C(base_feats, base_targets, views, targets, groups, [C], n_folds, seed)[C]
+
+
+def out_of_fold_probabilities_by_C(base_feats: np.ndarray, base_targets: np.ndarray, views: Sequence[np.ndarray],
+                                   targets: np.ndarray, groups: Sequence[str], Cs: Sequence[float],
+                                   n_folds: int = PROBE_CROSS_FIT_FOLDS, seed: int = 0) -> dict[float, list[np.ndarray]]:
+    """``out_of_fold_probabilities`` for each C of ``Cs`` (the same folds; each fold's fits share its row space)."""
     unique = sorted(set(groups))
     order = np.random.default_rng(seed).permutation(len(unique))
     fold_of = {unique[g]: i % n_folds for i, g in enumerate(order)}
     fold = np.array([fold_of[g] for g in groups])
-    out = [np.zeros((len(targets), base_targets.shape[1]), np.float32) for _ in views]
+    out = {C: [np.zeros((len(targets), base_targets.shape[1]), np.float32) for _ in views] for C in Cs}
     for k in np.unique(fold):
         held, rest = fold == k, fold != k
-        probs = logistic_probabilities(np.concatenate([base_feats, views[0][rest]]),
-                                       np.concatenate([base_targets, targets[rest]]), C, [v[held] for v in views])
-        for o, p in zip(out, probs):
-            o[held] = p
+        by_C = logistic_probabilities_by_C(np.concatenate([base_feats, views[0][rest]]),
+                                           np.concatenate([base_targets, targets[rest]]), Cs, [v[held] for v in views])
+        for C, probs in by_C.items():
+            for o, p in zip(out[C], probs):
+                o[held] = p
     return out
-
 
 
 def ensemble_probabilities(finetuned: Sequence[np.ndarray], probe: Sequence[np.ndarray]) -> np.ndarray:
@@ -210,10 +259,10 @@ def choose_probe_C(probe: nn.Module, finetuned: nn.Module, train_feats: np.ndarr
         val_y, infer_probabilities(finetuned, val_set, *args, tta=tta)))
     if cross_fit:
         groups = list(val_groups) if val_groups is not None else [str(i) for i in range(len(val_y))]
-        p_probe = {C: out_of_fold_probabilities(train_feats, train_targets, val_feats, val_y, groups, C, seed=seed)
-                   for C in PROBE_C_GRID}
+        p_probe = out_of_fold_probabilities_by_C(train_feats, train_targets, val_feats, val_y, groups, PROBE_C_GRID,
+                                                 seed=seed)
     else:
-        p_probe = {C: logistic_probabilities(train_feats, train_targets, C, val_feats) for C in PROBE_C_GRID}
+        p_probe = logistic_probabilities_by_C(train_feats, train_targets, PROBE_C_GRID, val_feats)
     val_ap = {C: macro_average_precision(val_y, ensemble_probabilities(p_ft, p)) for C, p in p_probe.items()}
     fit.C = max(val_ap, key=val_ap.get)
     fit.val_macro_ap = val_ap[fit.C]

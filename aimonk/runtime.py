@@ -56,8 +56,8 @@ class Execution:
         return f"{self.precision}{' + channels_last' if self.channels_last else ''}"
 
 
-PROBE_STEPS = 2  # timed steps per candidate, after one warm-up step; the median counts
-BF16_MARGIN = 1.05  # bf16 must beat the best fp32 layout by this factor, so auto never picks a slower setting
+PROBE_STEPS = 3  # timed steps per candidate, in turns after one warm-up round; the median counts
+BF16_MARGIN = 1.15  # bf16 must beat the best fp32 layout by this factor (past the probe's noise), so auto never picks a slower setting
 PRECISION_CACHE_NAME = "precision.json"  # measured choices, under config.CACHE_DIR
 _reported: set[str] = set()  # choices already printed by this process
 
@@ -76,7 +76,7 @@ def choose_execution(precision: str, device: torch.device, backbone: str, channe
     a few ``mode`` steps ("train": forward and backward; "infer": forward) of ``backbone`` at
     ``batch_size`` x ``image_size`` in fp32 and bf16, each with channels_last on and off, and the
     fastest wins; bf16 only if it beats the best fp32 layout by ``BF16_MARGIN``, and only for
-    backbones whose ``BackboneSpec.cpu_bf16`` allows it. The result is cached per CPU model, torch
+    for inference only for backbones whose ``BackboneSpec.cpu_bf16_infer`` allows it. The result is cached per CPU model, torch
     version, thread count, backbone, mode, size and batch, and printed once per process.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -94,13 +94,13 @@ def choose_execution(precision: str, device: torch.device, backbone: str, channe
 
 def _measured_choice(backbone: str, mode: str, image_size: int, batch_size: int) -> Execution:
     """The CPU choice for this setting, from the cache or measured now (and cached)."""
+    bf16 = cpu_supports_bf16() and (mode == "train" or BACKBONES[backbone].cpu_bf16_infer)
     key = (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {backbone} | {mode} | "
-           f"{image_size} px | batch {batch_size}")
+           f"{image_size} px | batch {batch_size} | {'fp32, bf16' if bf16 else 'fp32'}")
     cache = config.CACHE_DIR / PRECISION_CACHE_NAME
     known = _read_cache(cache)
     entry = known.get(key)
     if not _valid_entry(entry):
-        bf16 = BACKBONES[backbone].cpu_bf16 and cpu_supports_bf16()
         rates = measure_executions(backbone, mode, image_size, batch_size, bf16)
         entry = {"choice": asdict(pick_execution(rates)), "rates": {str(e): r for e, r in rates.items()}}
         known[key] = entry
@@ -133,16 +133,18 @@ def measure_executions(backbone: str, mode: str, image_size: int, batch_size: in
     """
     candidates = [Execution(p, cl) for p in (("fp32", "bf16") if bf16 else ("fp32",)) for cl in (False, True)]
     cpu = torch.device("cpu")
-    rates = {}
+    times = {e: [] for e in candidates}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        runs = {}
         for e in candidates:
             fmt = torch.channels_last if e.channels_last else torch.contiguous_format
             model = build_model(backbone, 4, weights="none").to(memory_format=fmt).train(mode == "train")
-            x = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=fmt)
-            times = [_timed_step(model, x, e.precision, cpu, mode == "train") for _ in range(1 + PROBE_STEPS)]
-            rates[e] = batch_size / statistics.median(times[1:])
-    return rates
+            runs[e] = model, torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=fmt)
+        for _ in range(1 + PROBE_STEPS):  # in turns, so a change in the machine's load hits every candidate alike
+            for e, (model, x) in runs.items():
+                times[e].append(_timed_step(model, x, e.precision, cpu, mode == "train"))
+    return {e: batch_size / statistics.median(t[1:]) for e, t in times.items()}  # the first round warms up
 
 
 def _timed_step(model: nn.Module, x: torch.Tensor, precision: str, device: torch.device, train: bool) -> float:

@@ -1,5 +1,7 @@
 """Smoke run of the quality benchmark on the embedded sample (tiny settings; figures are checked for sanity only)."""
 
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,7 @@ from aimonk.benchmark import quality
 
 
 @pytest.mark.slow
-def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
+def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path, monkeypatch):
     df = quality.run(str(config.SAMPLE_DIR), ["original", "pretrained", "frozen_lr"], folds=2, epochs=1, image_size=32,
                      workdir=str(tmp_path), runtimes=())  # the exported runtimes: tests/test_export.py
     assert sorted(df.recipe.unique()) == ["frozen_lr", "frozen_lr with flip TTA", "majority", "original",
@@ -36,9 +38,11 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path):
     table = quality.summary_table(df)
     assert "±" in table.loc["original", "macro_ap"]
     # One fold on its own (to spread folds over processes) is the same fold with the same scores.
-    alone = quality.run(str(config.SAMPLE_DIR), ["frozen_lr"], folds=2, image_size=32, workdir=str(tmp_path / "alone"),
-                        only_fold=1, runtimes=())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    alone = quality.run(str(config.SAMPLE_DIR), ["frozen_lr"], folds=2, image_size=32, only_fold=1, runtimes=())
     assert set(alone.fold) == {1}
+    assert not any((tmp_path / "tmp").iterdir())  # without a workdir the run's checkpoints are removed
     together = df[(df.fold == 1) & df.recipe.isin(["majority", "frozen_lr"])].reset_index(drop=True)
     cols = ["recipe", "macro_ap", "macro_auc", "macro_f1_tuned"]
     alone = alone[alone.recipe.isin(["majority", "frozen_lr"])].reset_index(drop=True)

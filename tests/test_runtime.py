@@ -44,7 +44,7 @@ def counted(monkeypatch, tmp_path):
     calls = []
 
     def fake(backbone, mode, image_size, batch_size, bf16=True):
-        calls.append((backbone, mode, image_size, batch_size))
+        calls.append((backbone, mode, image_size, batch_size, bf16))
         return {FP32: 10.0, FP32_CL: 14.0, **({BF16: 9.0, BF16_CL: 13.0} if bf16 else {})}
 
     monkeypatch.setattr(runtime, "measure_executions", fake)
@@ -65,6 +65,16 @@ def test_the_choice_is_cached_per_setting_and_printed_once(counted, tmp_path, ca
     [key] = [k for k in cache if "resnet18 | train" in k]
     assert runtime.cpu_model() in key and torch.__version__ in key and "64 px | batch 8" in key
     assert cache[key]["choice"] == {"precision": "fp32", "channels_last": True}
+
+
+def test_lite_backbones_measure_bf16_for_training_and_stay_fp32_for_inference(counted, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    for mode in ("train", "infer"):
+        choose_execution("auto", CPU, "efficientnet_lite0", mode=mode, image_size=64, batch_size=8)
+        choose_execution("auto", CPU, "resnet18", mode=mode, image_size=64, batch_size=8)
+    measured_bf16 = {(b, m): bf16 for b, m, _, _, bf16 in counted}
+    assert measured_bf16 == {("efficientnet_lite0", "train"): True, ("resnet18", "train"): True,
+                             ("efficientnet_lite0", "infer"): False, ("resnet18", "infer"): True}
 
 
 def test_a_damaged_cache_is_measured_again(counted, tmp_path):

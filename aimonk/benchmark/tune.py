@@ -144,9 +144,9 @@ class _Tuning:
             self.log(f"  {k:20s} train {v['train']:7.1f} img/s ({v['train'] / base['train']:4.2f}x)   "
                      f"infer {v['infer']:7.1f} img/s ({v['infer'] / base['infer']:4.2f}x)")
         self.log(f"  fastest: training {best['train']}, inference {best['infer']}; resolve_precision('auto') gives "
-                 f"{auto} (BACKBONES[{self.cfg.backbone!r}].cpu_bf16={self.spec.cpu_bf16})")
+                 f"{auto} (BACKBONES[{self.cfg.backbone!r}].cpu_bf16_infer={self.spec.cpu_bf16_infer})")
         return {"variants": res, "auto": auto, "fastest_train": best["train"], "fastest_infer": best["infer"],
-                "cpu_bf16_flag": self.spec.cpu_bf16}
+                "cpu_bf16_infer_flag": self.spec.cpu_bf16_infer}
 
     def optimizer(self) -> dict:
         kinds = {"per-parameter loop (torch's default on CPU)": dict(foreach=False), "foreach": dict(foreach=True),

@@ -90,6 +90,14 @@ class Run:
     def names(self) -> list[str]:
         return self.index.table.names
 
+    @property
+    def eval_precision(self) -> str:
+        """What validation and the probe run in: the training precision, except fp32 instead of bf16 on the
+        CPU for a backbone whose single predictions bf16 moves (``BackboneSpec.cpu_bf16_infer``)."""
+        if self.device.type == "cpu" and self.precision == "bf16" and not self.spec.cpu_bf16_infer:
+            return "fp32"
+        return self.precision
+
 
 def check_writable(path: Path) -> None:
     """Fail now, not after training, if ``path``'s folder cannot be written."""
@@ -276,7 +284,7 @@ def run_epochs(run: Run) -> tuple[dict, dict | None]:
         history["epoch_loss"].append(float(np.mean(losses)))
         history["epoch_seconds"].append(time.perf_counter() - t0)
         if len(run.val_set) and main:  # the other processes go on to the next epoch's first gradient exchange
-            ap, _ = validate(scored, run.val_set, run.device, run.precision, run.channels_last, run.spec.mean,
+            ap, _ = validate(scored, run.val_set, run.device, run.eval_precision, run.channels_last, run.spec.mean,
                              run.spec.std, cfg.tta)
             history["val_macro_ap"].append(ap)
             if cfg.keep_best and ap > best_ap:
@@ -319,7 +327,7 @@ def finish(run: Run, history: dict, best_state: dict | None) -> tuple[nn.Module,
         model, probe, val_scores = fit_probe(
             model, run.train_plain, run.val_set, backbone=cfg.backbone, weights=cfg.weights,
             probe_backbones=cfg.probe_backbones, cross_fit=cfg.probe_cross_fit, tta=cfg.tta, seed=cfg.seed,
-            device=run.device, precision=run.precision, channels_last=run.channels_last,
+            device=run.device, precision=run.eval_precision, channels_last=run.channels_last,
             val_groups=[run.cache.digests[i] for i in run.val_idx])
     return model.to("cpu").to(memory_format=torch.contiguous_format).eval(), probe, val_scores
 
