@@ -25,7 +25,8 @@ def test_every_committed_json_records_machine_versions_command_and_date():
         for run in record["runs"]:
             assert run["machine"]["cpu"] and run["machine"]["cores"] >= 1, name
             assert {"python", "torch", "aimonk", "git_commit"} <= set(run["versions"]), name
-            assert run["command"].startswith(f"python -m aimonk.benchmark {record['benchmark']} "), name
+            command = {"deployed": "speed"}.get(record["benchmark"], record["benchmark"])  # speed --model M
+            assert run["command"].startswith(f"python -m aimonk.benchmark {command} "), name
             assert run["date"][:2] == "20", name
 
 
@@ -74,6 +75,19 @@ def test_quality_markdown_times_the_default_recipe_against_the_one_it_was_cut_fr
     assert "time" not in report.render_quality(_quality_record(0.94), "q.json").split("Per fold")[1].lower()
 
 
+def test_quality_markdown_compares_each_runtime_row_with_torch_fp32_fold_by_fold():
+    record = _quality_record(0.94)
+    base = [r for r in record["rows"] if r["recipe"] == "pretrained"]
+    record["rows"] += [{**row, "recipe": "pretrained on openvino bf16", "minutes": 0.0,
+                        "macro_ap": row["macro_ap"] + d, "max_abs_diff_vs_torch": dp, "decision_flips_vs_torch": n}
+                       for row, d, dp, n in zip(base, (-0.002, 0.0, 0.001), (0.1, 0.02, 0.05), (3, 0, 1))]
+    text = report.render_quality(record, "q.json")
+    line = next(x for x in text.splitlines() if x.startswith("- pretrained on openvino bf16:"))
+    assert "max |Δp| 1.0e-01 / 2.0e-02 / 5.0e-02, decision flips 3 / 0 / 1" in line
+    assert "macro AP minus torch fp32's -0.0020 / +0.0000 / +0.0010" in line
+    assert "minus torch" not in next(x for x in text.splitlines() if x.startswith("- pretrained: "))
+
+
 def test_speed_markdown_quotes_both_loops_and_their_ratio():
     loop = {"train_first": 10.0, "train_steady": 12.0, "infer": 30.0, "infer_model_only": 40.0, "latency_ms": 20.0,
             "peak_rss_mb": 1000.0, "train_share_bf16_peak": 0.4, "infer_model_only_share_bf16_peak": 0.5}
@@ -89,7 +103,7 @@ def test_speed_markdown_quotes_both_loops_and_their_ratio():
     assert "int8" not in text.split("|---|")[1]  # no int8 rows without int8 figures
     assert "training 2.50x (30.0 img/s)" in report.render_glance({"s.json": record})
     cores = record["run"]["machine"]["cores"]
-    for load, busy in ([0.5, 0.9], False), ([cores + 1.0, cores + 2.0], True):
+    for load, busy in ([0.5, 0.9], False), ([cores, cores + 0.1], False), ([cores + 1.0, 2.0 * cores], True):
         record["load_average"] = load
         assert ("busy machine" in report.render_glance({"s.json": record})) == busy
         assert ("The machine was busy" in report.render_speed(record, "s.json")) == busy
