@@ -176,7 +176,7 @@ def quality_summary(record: dict) -> list[dict]:
                     "minutes": [r["minutes"] for r in rows],
                     "n_fallback": [r.get("n_fallback", 0) for r in rows], "signal": signal,
                     "vs_torch": [(r["max_abs_diff_vs_torch"], r["decision_flips_vs_torch"]) for r in rows
-                                 if "decision_flips_vs_torch" in r]})
+                                 if r.get("decision_flips_vs_torch") is not None]})  # null in the table's other rows
     return out
 
 
@@ -205,7 +205,7 @@ def render_quality(record: dict, source: str) -> str:
                      + f"attributes left to the majority decision {fallback}"
                      + ("; against torch fp32 on the held-out fold: max |Δp| "
                         + " / ".join(f"{d:.1e}" for d, _ in s["vs_torch"]) + ", decision flips "
-                        + " / ".join(str(n) for _, n in s["vs_torch"]) if s["vs_torch"] else "")
+                        + " / ".join(str(int(n)) for _, n in s["vs_torch"]) if s["vs_torch"] else "")
                      + ("; macro AP minus torch fp32's " + " / ".join(f"{a - b:+.4f}" for a, b in zip(s["per_fold"], torch_ap))
                         if torch_ap and len(torch_ap) == len(s["per_fold"]) else ""))
     lines += _time_ratio_lines(summary)
