@@ -11,7 +11,7 @@
 # - **`pretrained`** (the default, the best recipe measured on real data that runs offline;
 #   `docs/quality.md`): EfficientNet-Lite0 with ImageNet weights from pip, 192 px, batch 32; the head
 #   trained alone for 1 epoch, then the whole network with the backbone at 0.3x the head's learning
-#   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 5 epochs in all: a third of
+#   rate (AdamW, 1e-3 for the head, cosine schedule with a short warmup, 6 epochs in all: a third of
 #   the time of the earlier 12 epochs at 224 px, `reports/benchmarks/quality_clipart.md`); random
 #   resized crops and flips; no flip test-time augmentation (it added 0.003 held-out AP on clipart for
 #   twice the inference cost; `python -m aimonk train --tta` turns it on); the epoch with the best validation macro
@@ -40,7 +40,7 @@ data_dir: str = "data/sample"  # folder with labels.txt and images/ (relative pa
 labels: str = ""  # labels file instead of data_dir/labels.txt, e.g. reports/audit/labels.reviewed.txt from 05_audit
 out_dir: str = ""  # where model.pth and split.json go ("" means models/)
 recipe: str = "pretrained"  # "pretrained" (best measured, EfficientNet-Lite0) or "original" (the seed recipe, ResNet18)
-epochs: int = None  # passes over the training set (None: the recipe's, 12 pretrained / 20 original)
+epochs: int = None  # passes over the training set (None: the recipe's, 6 pretrained / 20 original)
 batch_size: int = None  # images per optimisation step (None: the recipe's, 32 / 16)
 lr: float = None  # peak learning rate of the head (None: the recipe's, 1e-3 / 1e-4)
 image_size: int = None  # images are resized to image_size x image_size (None: 224)
