@@ -88,6 +88,14 @@ def test_quality_markdown_compares_each_runtime_row_with_torch_fp32_fold_by_fold
     assert "minus torch" not in next(x for x in text.splitlines() if x.startswith("- pretrained: "))
 
 
+def test_the_glance_row_names_the_epochs_a_recipe_ran():
+    record = _quality_record(0.94)
+    assert "`pretrained`, 3-fold" in report.render_glance({"q.json": record})  # older rows: no epoch record
+    for row in record["rows"]:
+        row["val_ap_by_epoch"] = [0.5, 0.6, 0.7] if row["recipe"] == "pretrained" else []
+    assert "`pretrained` (3 epochs), 3-fold" in report.render_glance({"q.json": record})
+
+
 def test_speed_markdown_quotes_both_loops_and_their_ratio():
     loop = {"train_first": 10.0, "train_steady": 12.0, "infer": 30.0, "infer_model_only": 40.0, "latency_ms": 20.0,
             "peak_rss_mb": 1000.0, "train_share_bf16_peak": 0.4, "infer_model_only_share_bf16_peak": 0.5}

@@ -174,6 +174,7 @@ def quality_summary(record: dict) -> list[dict]:
         signal = None if recipe == "majority" else auc[0] - 2 * auc[1] - chance[0] >= SIGNAL_MARGIN
         out.append({"recipe": recipe, "folds": len(rows), "stats": stats, "per_fold": [r["macro_ap"] for r in rows],
                     "minutes": [r["minutes"] for r in rows],
+                    "epochs": sorted({len(r["val_ap_by_epoch"]) for r in rows if r.get("val_ap_by_epoch")}),
                     "n_fallback": [r.get("n_fallback", 0) for r in rows], "signal": signal,
                     "vs_torch": [(r["max_abs_diff_vs_torch"], r["decision_flips_vs_torch"]) for r in rows
                                  if r.get("decision_flips_vs_torch") is not None]})  # null in the table's other rows
@@ -388,8 +389,9 @@ def _glance_rows(name: str, record: dict) -> list[str]:
             took = f", {statistics.median(s['minutes']):.1f} min per fold" if max(s["minutes"]) > 0 else ""
             if ratio:
                 took += f" ({ratio[2]:.2f}x `{PREVIOUS_RECIPE}`'s {ratio[1]:.1f} min, in turns)"
+            epochs = f" ({s['epochs'][0]} epochs)" if len(s["epochs"]) == 1 else ""  # told apart from older runs
             rows.append(
-                f"| quality, `{s['recipe']}`, {_folds_scored(record)} | `{record['data']}` | "
+                f"| quality, `{s['recipe']}`{epochs}, {_folds_scored(record)} | `{record['data']}` | "
                 f"AP {_pm(*st['macro_ap'], s['folds'])}, AUC {_pm(*st['macro_auc'], s['folds'])}, "
                 f"F1 {st['macro_f1_tuned'][0]:.3f}{took} | {against}; chance AUC "
                 f"{st['chance_auc'][0]:.3f} | {verdict} | {link} |")
