@@ -75,9 +75,10 @@ def choose_execution(precision: str, device: torch.device, backbone: str, channe
     bf16 (fp16 where bf16 is missing). ``"auto"`` on the CPU is measured, never guessed from a CPU flag:
     a few ``mode`` steps ("train": forward and backward; "infer": forward) of ``backbone`` at
     ``batch_size`` x ``image_size`` in fp32 and bf16, each with channels_last on and off, and the
-    fastest wins; bf16 only if it beats the best fp32 layout by ``BF16_MARGIN``, and only for
-    for inference only for backbones whose ``BackboneSpec.cpu_bf16_infer`` allows it. The result is cached per CPU model, torch
-    version, thread count, backbone, mode, size and batch, and printed once per process.
+    fastest wins; bf16 only if it beats the best fp32 layout by ``BF16_MARGIN``, and for inference only
+    for backbones whose ``BackboneSpec.cpu_bf16_infer`` allows it (training measures bf16 for every
+    backbone). The result is cached per CPU model, torch version, thread count, backbone, mode, size,
+    batch and the precisions measured, and printed once per process.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
