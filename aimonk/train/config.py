@@ -40,6 +40,8 @@ class TrainConfig:
     tta: bool = _field(False, "average predictions over a horizontal flip at evaluation/inference")
     probe_ensemble: bool = _field(False, "average with a logistic-regression probe on the frozen pretrained network")
     probe_cross_fit: bool = _field(False, "refit the probe on training + validation images, scoring validation out of fold")
+    probe_feature_cache: bool = _field(True, "read the probe's frozen features from the on-disk cache in cache_dir "
+                                             "(keyed by image digest, network and size); only new images are computed")
     probe_backbones: str = _field("", 'comma-separated frozen networks whose concatenated features the probe reads ("" = backbone)')
     keep_best: bool = _field(False, "keep the epoch with the best validation macro AP (early stopping)")
     val_fraction: float = _field(0.2, "share of images held out for validation (0 = none)")
@@ -82,8 +84,9 @@ PRETRAINED_RECIPE = dict(
 )  # ImageNet fine-tuning that runs offline, the 02 default: PRETRAINED_12EP_RECIPE cut to 6 epochs at 192 px
 # (reports/benchmarks/quality_clipart.md measures both in turns).
 PRETRAINED_12EP_RECIPE = {**PRETRAINED_RECIPE, "epochs": 12, "warmup_epochs": 0.5, "freeze_epochs": 2,
-                          "image_size": 224, "precision": "fp32"}  # the previous default: 12 epochs at 224 px,
-# in fp32 (precision auto did not measure bf16 for the Lite backbones then), about 3x the time
+                          "image_size": 224, "precision": "fp32", "probe_feature_cache": False}
+# the previous default as it ran: 12 epochs at 224 px, in fp32 (precision auto did not measure bf16 for the Lite
+# backbones then), its probe computing every frozen feature on each run; about 3x the time
 # Flip TTA is off: on the clipart folds it added 0.003 held-out macro AP to the 12-epoch recipe (0.854 against
 # 0.851) for twice the inference cost of three networks (docs/quality.md); --tta turns it back on.
 

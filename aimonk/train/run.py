@@ -328,7 +328,7 @@ def finish(run: Run, history: dict, best_state: dict | None) -> tuple[nn.Module,
             model, run.train_plain, run.val_set, backbone=cfg.backbone, weights=cfg.weights,
             probe_backbones=cfg.probe_backbones, cross_fit=cfg.probe_cross_fit, tta=cfg.tta, seed=cfg.seed,
             device=run.device, precision=run.eval_precision, channels_last=run.channels_last,
-            val_groups=[run.cache.digests[i] for i in run.val_idx])
+            val_groups=[run.cache.digests[i] for i in run.val_idx], feature_cache=cfg.probe_feature_cache)
     return model.to("cpu").to(memory_format=torch.contiguous_format).eval(), probe, val_scores
 
 
