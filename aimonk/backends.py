@@ -54,7 +54,7 @@ class OnnxRuntimeSession:
 class OpenVinoSession:
     """An OpenVINO CPU model compiled from an artifact, in f32 by default (no bf16 downcast), so it keeps
     parity with torch; with ``precision="bf16"`` OpenVINO computes in bf16 where the CPU has it (asked for
-    explicitly only: the quality benchmark measures what it costs).
+    explicitly, or taken by runtime auto where the checkpoint's validation images verify it).
 
     Args:
         artifact: a verified exported model.
@@ -67,6 +67,7 @@ class OpenVinoSession:
     def __init__(self, artifact: Artifact, threads: int = 0, precision: str = "fp32"):
         import openvino as ov
 
+        self.precision = precision
         core = ov.Core()
         settings = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY",
                     **({"INFERENCE_NUM_THREADS": threads} if threads else {})}

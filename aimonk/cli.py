@@ -29,7 +29,9 @@ PRECISION_HELP = ("inference precision: auto (per backbone and device), fp32, bf
 LABELS_HELP = "labels file to use instead of DATA/labels.txt, e.g. an audit review's labels.reviewed.txt"
 RUNTIME_HELP = (f"what runs the model: torch (the reference), onnxruntime, openvino (optional extra deploy; a "
                 f"checkpoint is exported to ONNX on first use, cached), or auto: the fastest installed runtime that "
-                f"matches torch fp32 on a few images (within 1e-4, no decision flip), measured once and printed (default: ${RUNTIME_ENV} if set, else auto)")
+                f"matches torch fp32 on a few images (within 1e-4, no decision flip), or openvino in bf16 where the "
+                f"checkpoint's validation images verify it (macro AP within 0.005, at most 1 %% of decisions "
+                f"changed), measured once and printed (default: ${RUNTIME_ENV} if set, else auto)")
 RECIPE_HELP = ("preset: 'pretrained' (the best measured recipe: EfficientNet-Lite0 ImageNet fine-tuning, head "
                "first, AdamW + cosine + crops + best epoch kept, averaged with a frozen-feature probe) or 'original' (the seed recipe: ResNet18, "
                "Adam 1e-4, batch 16, 20 epochs; the defaults shown below); explicit flags override it")

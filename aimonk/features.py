@@ -2,8 +2,10 @@
 
 A frozen network's features of an image depend only on the image bytes, the network and the input
 size, so they are cached under that key: ``CACHE_DIR/features/<backbone>_<weights>_s<size>_v<version>/``
-holds one float32 ``.npy`` per image, named by the sha256 of the image file. A second audit of the same
-folder (or of a reviewed labels file) computes nothing again.
+(``..._hflip_v<version>/`` for the mirrored images) holds one float32 ``.npy`` per image, named by the
+sha256 of the image file. The label audit reads them (``frozen_features``), and so does the probe of
+the ``pretrained`` recipe at the end of training (``cached_features``): a second audit, or a retraining
+after a label change, computes only the images it has not seen.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ from aimonk.artifact import (
 )
 from aimonk.backends import installed_runtimes, open_session
 from aimonk.checkpoint import CheckpointMeta, load_checkpoint
-from aimonk.data import ImageLoadError, ImageSource, decode_uint8, normalize_batch, read_reason, shown
+from aimonk.data import ImageLoadError, ImageSource, decode_uint8, index_dataset, normalize_batch, read_reason, shown
 from aimonk.files import atomic_write_text, file_sha256
-from aimonk.metrics import apply_decisions
+from aimonk.metrics import apply_decisions, macro_average_precision
 from aimonk.model import head_module
 from aimonk.runtime import autocast, choose_execution, cpu_model, select_device
 
@@ -208,7 +208,15 @@ RUNTIME_ENV = "AIMONK_RUNTIME"  # the runtime when none is given; unset: "auto" 
 EXPORT_CACHE_NAME = "onnx"  # checkpoints exported for the ONNX runtimes, under config.CACHE_DIR
 RUNTIME_CACHE_NAME = "runtime.json"  # runtime "auto"'s measured choices, under config.CACHE_DIR
 PARITY_IMAGES = 8  # images that runtime "auto" verifies and times each runtime on
-PARITY_TOLERANCE = 1e-4  # the largest probability difference from torch fp32 that "auto" accepts
+PARITY_TOLERANCE = 1e-4  # the largest probability difference from torch fp32 that "auto" accepts in fp32
+# Runtime "auto" takes OpenVINO's bf16 only where it is verified on the checkpoint's own validation images
+# (their folder found here, at least BF16_MIN_IMAGES of them): macro AP within BF16_AP_TOLERANCE of torch fp32
+# and at most BF16_FLIP_SHARE of the decisions changed (on the clipart folds: AP -0.0014 / +0.0039 / -0.0001,
+# 0.2-0.7 % of decisions; docs/speed.md).
+BF16_AP_TOLERANCE = 0.005
+BF16_FLIP_SHARE = 0.01
+BF16_MIN_IMAGES = 100
+BF16_MAX_IMAGES = 1000  # validation images scored at most (evenly spaced), to keep the one-time check short
 _reported_runtimes: set[str] = set()  # runtime choices already printed by this process
 
 
@@ -308,8 +316,9 @@ class Predictor:
                                   or not installed_runtimes()):
             return  # torch it is: nothing else runs this
         sha = file_sha256(self.path)
+        self._bf16_allowed = runtime == "auto" and precision == "auto"  # an explicit fp32 keeps fp32
         choice = (runtime, "bf16" if bf16 else "fp32") if runtime != "auto" else \
-            _cached_runtime_choice(self.path, sha, self.precision)
+            _cached_runtime_choice(self.path, sha, self.precision, self._bf16_allowed)
         if choice is not None and choice[0] == "torch":
             return
         art = read_artifact(artifact, sha) if artifact is not None else self._cached_export(sha)
@@ -341,21 +350,45 @@ class Predictor:
                                         self.meta.mean, self.meta.std, tta=self.meta.tta)
         rates = {f"torch {self.precision}": _rate(lambda x: self.probabilities(torch.from_numpy(x)), images.numpy())}
         checks = {}
+        verified_fp32 = None
         for name in installed_runtimes(art.path):
             session, label = open_session(name, art), f"{name} fp32"
             checks[label] = parity(reference, session.run(images.numpy()), self.meta.thresholds, self.meta.decisions)
             if checks[label]["max_abs_diff"] <= PARITY_TOLERANCE and checks[label]["decision_flips"] == 0:
                 rates[label] = _rate(session.run, images.numpy())
+                verified_fp32 = verified_fp32 or session
+        if self._bf16_allowed and "openvino" in installed_runtimes(art.path):
+            bf16 = open_session("openvino", art, precision="bf16")
+            checks["openvino bf16"] = self._check_bf16(bf16, verified_fp32)
+            if checks["openvino bf16"]["verified"]:
+                rates["openvino bf16"] = _rate(bf16.run, images.numpy())
         best = max(rates, key=rates.get)
         choice = ("torch", self.precision) if best.startswith("torch") else tuple(best.split())
-        _store_runtime_choice(_runtime_key(sha, self.precision),
+        _store_runtime_choice(_runtime_key(sha, self.precision, self._bf16_allowed),
                               {"choice": list(choice), "rates": rates, "parity": checks})
-        verified = "; ".join(f"{n} max |dp| {c['max_abs_diff']:.1e}, {c['decision_flips']} flips"
-                             for n, c in checks.items())
-        _report_once(_runtime_key(sha, self.precision),
+        verified = "; ".join(_check_text(n, c) for n, c in checks.items())
+        _report_once(_runtime_key(sha, self.precision, self._bf16_allowed),
                      f"{self.path}: runtime auto: {' '.join(choice)}; against torch fp32 on {len(images)} images: "
                      f"{verified}; measured img/s: {_rates_text(rates)}")
         return choice
+
+    def _check_bf16(self, bf16, fp32) -> dict:
+        """OpenVINO bf16 against fp32 (``fp32``: a session verified against torch, else torch itself) on the
+        checkpoint's validation images: ``{"verified", "images", "macro_ap_change", "max_abs_diff",
+        "decision_flips"[, "reason"]}``."""
+        val = validation_images(self.meta)
+        if isinstance(val, str):
+            return {"verified": False, "images": 0, "reason": val}
+        images, targets = val
+        run = fp32.run if fp32 is not None else lambda x: self.probabilities(torch.from_numpy(x))
+        batches = range(0, len(images), 32)
+        reference = np.concatenate([run(images[i:i + 32]) for i in batches])
+        probs = np.concatenate([bf16.run(images[i:i + 32]) for i in batches])
+        check = parity(reference, probs, self.meta.thresholds, self.meta.decisions)
+        check["macro_ap_change"] = macro_average_precision(targets, probs) - macro_average_precision(targets, reference)
+        check["verified"] = bool(abs(check["macro_ap_change"]) <= BF16_AP_TOLERANCE
+                                 and check["decision_flips"] <= BF16_FLIP_SHARE * reference.size)
+        return check
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[list[str]]:
         """Present attributes per row of ``probs`` (N, n_attributes).
@@ -479,9 +512,48 @@ def _report_once(key: str, line: str) -> None:
 
 
 
-def _runtime_key(sha: str, precision: str) -> str:
+def _runtime_key(sha: str, precision: str, bf16_allowed: bool = False) -> str:
     versions = " ".join(f"{m} {_version(m)}" for m in ("torch", "onnxruntime", "openvino"))
-    return f"{sha} | {cpu_model()} | {torch.get_num_threads()} threads | torch {precision} | {versions} | aimonk {__version__}"
+    return (f"{sha} | {cpu_model()} | {torch.get_num_threads()} threads | torch {precision}"
+            f"{' | bf16 if verified' if bf16_allowed else ''} | {versions} | aimonk {__version__}")
+
+
+def _check_text(label: str, check: dict) -> str:
+    """One runtime's verification, in words."""
+    if "macro_ap_change" in check:
+        return (f"{label} on {check['images']} validation images: macro AP {check['macro_ap_change']:+.4f}, "
+                f"{check['decision_flips']} decisions changed, max |dp| {check['max_abs_diff']:.1e} "
+                f"({'verified' if check['verified'] else 'not verified'})")
+    if "reason" in check:
+        return f"{label} not verified ({check['reason']})"
+    return f"{label} max |dp| {check['max_abs_diff']:.1e}, {check['decision_flips']} flips"
+
+
+def validation_images(meta: CheckpointMeta) -> tuple[np.ndarray, np.ndarray] | str:
+    """The checkpoint's validation images (uint8 (N, 3, S, S), up to ``BF16_MAX_IMAGES`` evenly spaced) and
+    their labels, read from the data folder it records; or why they cannot be had here."""
+    names = list((meta.split or {}).get("val") or [])
+    recorded, labels = (meta.data or {}).get("dir"), (meta.data or {}).get("labels")
+    if len(names) < BF16_MIN_IMAGES:
+        return f"{len(names)} validation images recorded, {BF16_MIN_IMAGES} needed"
+    folder = next((f for f in (recorded, recorded and config.resolve_path(recorded))
+                   if f and (Path(f) / "labels.txt").is_file()), None)
+    if folder is None:
+        return f"its data folder {recorded!r} is not here"
+    index = index_dataset(folder, warn=False, labels_file=labels if labels and Path(labels).is_file() else None)
+    where = {n: i for i, n in enumerate(index.table.names)}
+    rows = [where[n] for n in names if n in where]
+    rows = [rows[i] for i in np.unique(np.linspace(0, len(rows) - 1, min(len(rows), BF16_MAX_IMAGES)).astype(int))]
+    images, kept = [], []
+    for i in rows:
+        try:
+            images.append(decode_uint8(index.paths[i], meta.image_size).numpy())
+            kept.append(i)
+        except ImageLoadError:  # unreadable now: judged on the others
+            continue
+    if len(kept) < BF16_MIN_IMAGES:
+        return f"{len(kept)} of its validation images readable in {folder}, {BF16_MIN_IMAGES} needed"
+    return np.stack(images), index.table.targets[kept]
 
 
 
@@ -493,14 +565,15 @@ def _version(module: str) -> str:
 
 
 
-def _cached_runtime_choice(path: Path, sha: str, precision: str) -> tuple[str, str] | None:
+def _cached_runtime_choice(path: Path, sha: str, precision: str, bf16_allowed: bool) -> tuple[str, str] | None:
     """Runtime auto's cached ``(runtime, precision)`` for this checkpoint, torch precision and machine (printed
     once), or None."""
-    key = _runtime_key(sha, precision)
+    key = _runtime_key(sha, precision, bf16_allowed)
     entry = _read_json(config.CACHE_DIR / RUNTIME_CACHE_NAME).get(key)
     choice = entry.get("choice") if isinstance(entry, dict) else None
+    allowed = ("fp32", precision, *(["bf16"] if bf16_allowed else []))
     if (not isinstance(choice, list) or len(choice) != 2 or choice[0] not in RUNTIMES[1:]
-            or choice[1] not in ("fp32", precision) or not isinstance(entry.get("rates"), dict)):
+            or choice[1] not in allowed or not isinstance(entry.get("rates"), dict)):
         return None
     _report_once(key, f"{path}: runtime auto: {' '.join(choice)} (verified against torch fp32 and measured before; "
                       f"img/s: {_rates_text(entry['rates'])})")

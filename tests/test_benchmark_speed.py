@@ -56,6 +56,24 @@ def test_speed_tuning_runs(sample_dir, capsys):
         assert part in printed
 
 
+@pytest.mark.slow
+def test_the_end_to_end_benchmark_times_the_cli_and_the_seed_script_as_processes(sample_dir, tmp_path, capsys):
+    from aimonk.benchmark.report import render_endtoend
+
+    out = tmp_path / "endtoend.json"
+    argv = ["endtoend", "--data", str(sample_dir), "--limit", "16", "--epochs", "1", "--image-size", "64",
+            "--json", str(out)]
+    assert benchmark_main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 16 and res["cli_train_images"] < 16  # the CLI keeps its validation split
+    for side in ("original", "cli cold", "cli warm"):
+        assert len(res["seconds"][side]) == 1 and _positive(res["median"][side])
+    assert set(res["ratios"]) == {"cli cold", "cli warm"} and all(_positive(r) for r in res["ratios"].values())
+    assert "faster than the seed's script" in capsys.readouterr().out
+    table = render_endtoend(res | {"runs": [res["run"]]}, "endtoend.json")
+    assert "| cli warm | `python -m aimonk train --recipe original" in table
+
+
 def test_dispatch_lists_the_benchmarks(capsys):
     assert benchmark_main([]) == 2
     usage = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``python -m aimonk.benchmark {speed,quality,audit,report} [options]``: dispatch to one benchmark module, imported lazily."""
+"""``python -m aimonk.benchmark {speed,endtoend,quality,audit,report} [options]``: dispatch to one benchmark module, imported lazily."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "speed": ("aimonk.benchmark.speed", "original loop against the project's loop: throughput, latency, memory"),
+    "endtoend": ("aimonk.benchmark.endtoend", "`python -m aimonk train` as a user runs it against the seed's script"),
     "quality": ("aimonk.benchmark.quality", "training recipes against baselines on the same folds"),
     "audit": ("aimonk.benchmark.audit", "the label audit: ranking of synthetic label flips, and whether cleaning helps"),
     "report": ("aimonk.benchmark.report", "the markdown tables generated from reports/benchmarks/*.json"),

@@ -2,9 +2,9 @@
 
 ``python -m aimonk.benchmark speed --model M --data DIR [--limit N] [--runtimes torch,onnxruntime,openvino]``
 
-For each runtime (``torch`` at the precision ``auto`` picks, then each installed ONNX runtime in fp32,
-OpenVINO in bf16 too; ``RUNTIME_VARIANTS``), ``Predictor(M, runtime=...)`` is loaded as a user gets it
-and measured in turns with the seed's inference loop (``aimonk.benchmark.original``: an untrained
+For each runtime and precision of ``RUNTIME_VARIANTS`` (``torch`` at the precision ``auto`` picks and in
+int8 where the checkpoint supports it, each installed ONNX runtime in fp32 and on an int8 export,
+OpenVINO in bf16 too), the model is loaded as a user gets it (``deployed_predictor``) and measured in turns with the seed's inference loop (``aimonk.benchmark.original``: an untrained
 ResNet18 at 224 px, PIL decode, fp32 NCHW) on the same files:
 
 - from files: ``Predictor.predict_many`` (decode, resize, batches of ``--infer-batch-size``) against
@@ -22,8 +22,10 @@ the figures to trust on a shared machine; the absolute img/s move with the load.
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -36,12 +38,39 @@ from aimonk.benchmark.original import original_infer, original_predict_one, orig
 from aimonk.benchmark.workload import select_rows
 from aimonk.config import IMAGENET_MEAN, IMAGENET_STD
 from aimonk.data import decode_uint8, index_dataset, normalize_batch
-from aimonk.inference import Predictor
+from aimonk.export import export_model
+from aimonk.inference import Predictor, int8_problem
 from aimonk.model import build_model
 
 ORIGINAL_SIZE = 224  # the seed loop's image size
-RUNTIME_VARIANTS = (("torch", "auto"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
+RUNTIME_VARIANTS = (("torch", "auto"), ("torch", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+                    ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"))
 KEYS = ("infer", "infer_model_only", "latency_ms", "peak_rss_mb")  # what each side gets, per runtime
+
+
+def deployed_predictor(model_path: str | Path, runtime: str, precision: str, data_dir: str | Path,
+                       workdir: Path) -> Predictor | str:
+    """The checkpoint ``model_path`` as deployed on ``runtime`` in ``precision``, or why it cannot run so.
+
+    int8 on an ONNX runtime is the checkpoint's int8 export (``export_model``, calibrated on its training
+    images in ``data_dir``), written once into ``workdir``; int8 on torch is the checkpoint's own
+    calibration (``aimonk.int8``), where its backbone supports it.
+    """
+    if precision != "int8":
+        return Predictor(model_path, device="cpu", runtime=runtime, precision=precision)
+    if runtime == "torch":
+        problem = int8_problem(Predictor(model_path, device="cpu", runtime="torch").meta, torch.device("cpu"))
+        return f"torch int8 {problem}" if problem else Predictor(model_path, device="cpu", runtime="torch",
+                                                                 precision="int8")
+    return Predictor(int8_export(model_path, data_dir, workdir), runtime=runtime)
+
+
+def int8_export(model_path: str | Path, data_dir: str | Path, workdir: Path) -> Path:
+    """The checkpoint's int8 ONNX export in ``workdir``, written on the first call."""
+    artifact = workdir / f"{Path(model_path).stem}-int8.onnx"
+    if not artifact.is_file():
+        export_model(model_path, artifact, precision="int8", data_dir=data_dir)
+    return artifact
 
 
 def compare_model(model_path: str | Path, data_dir: str | Path, runtimes: list[str] | None = None, limit: int = 0,
@@ -58,7 +87,8 @@ def compare_model(model_path: str | Path, data_dir: str | Path, runtimes: list[s
 
     Returns:
         ``{"model", "backbone", "tta", "probe", "image_size", "n_images", "auto_choice", "variants": {label:
-        {"runtime", "precision", "project": figures, "original": figures, "ratios": project / original}}}``.
+        {"runtime", "precision", "project": figures, "original": figures, "ratios": project / original}},
+        "skipped": {label: why}}``.
     """
     index = index_dataset(data_dir, warn=False)
     paths = [index.paths[i] for i in select_rows(len(index.paths), limit)]
@@ -70,28 +100,40 @@ def compare_model(model_path: str | Path, data_dir: str | Path, runtimes: list[s
     auto_choice = f"{auto.runtime} {auto.precision}"
     wanted = {*(runtimes or ["torch", *installed_runtimes()]), auto.runtime}  # what auto chose is always measured
     del auto
-    for runtime, precision in RUNTIME_VARIANTS:
-        if runtime not in wanted:
-            continue
-        figures = _measure(model_path, runtime, precision, original, paths, batch_size, latency_calls)
-        variants[figures["label"]] = figures
-        log(f"{figures['label']}: from files {figures['project']['infer']:.1f} img/s "
-            f"({figures['ratios']['infer']:.2f}x the original loop), model only "
-            f"{figures['project']['infer_model_only']:.1f} img/s, latency {figures['project']['latency_ms']:.1f} ms")
-        gc.collect()
+    skipped = {}
+    with tempfile.TemporaryDirectory(prefix="aimonk-deployed-") as tmp:
+        for runtime, precision in RUNTIME_VARIANTS:
+            if runtime not in wanted:
+                continue
+            if precision == "int8" and runtime != "torch":
+                int8_export(model_path, data_dir, Path(tmp))  # before the measured load
+            make = functools.partial(deployed_predictor, model_path, runtime, precision, data_dir, Path(tmp))
+            figures = _measure(make, original, paths, batch_size, latency_calls)
+            if isinstance(figures, str):
+                skipped[f"{runtime} {precision}"] = figures
+                log(f"{runtime} {precision}: skipped, {figures}")
+                continue
+            variants[figures["label"]] = figures
+            log(f"{figures['label']}: from files {figures['project']['infer']:.1f} img/s "
+                f"({figures['ratios']['infer']:.2f}x the original loop), model only "
+                f"{figures['project']['infer_model_only']:.1f} img/s, latency {figures['project']['latency_ms']:.1f} ms")
+            gc.collect()
     meta = Predictor(model_path, device="cpu", runtime="torch").meta
     return {"model": str(model_path), "data_dir": str(data_dir), "backbone": meta.backbone, "tta": meta.tta,
             "probe": meta.probe, "image_size": meta.image_size, "n_images": len(paths), "batch_size": batch_size,
             "latency_calls": latency_calls, "threads": torch.get_num_threads(), "auto_choice": auto_choice,
-            "load_average": [load_before, load_average()], "variants": variants}
+            "load_average": [load_before, load_average()], "variants": variants, "skipped": skipped}
 
 
-def _measure(model_path, runtime: str, precision: str, original: torch.nn.Module, paths: list[Path],
-             batch_size: int, latency_calls: int) -> dict:
-    """One runtime against the original loop: from files, model only, latency, memory."""
+def _measure(make: Callable[[], Predictor | str], original: torch.nn.Module, paths: list[Path], batch_size: int,
+             latency_calls: int) -> dict | str:
+    """One deployed model (``make()``) against the original loop: from files, model only, latency, memory
+    (or why the model cannot run)."""
     rss, before = PeakRSS(), current_rss() or 0
     with rss.phase("project"):
-        predictor = Predictor(model_path, device="cpu", runtime=runtime, precision=precision)
+        predictor = make()
+    if isinstance(predictor, str):
+        return predictor
     loaded = (current_rss() or 0) - before
     proj, orig = {}, {}
     tf = original_transform(ORIGINAL_SIZE, False)
@@ -121,7 +163,7 @@ def _measure(model_path, runtime: str, precision: str, original: torch.nn.Module
     proj["peak_rss_mb"], orig["peak_rss_mb"] = rss.peaks["project"] / 2**20, rss.peaks["original"] / 2**20
     proj["loaded_rss_mb"] = loaded / 2**20
     ratios = {key: proj[key] / orig[key] for key in KEYS if orig.get(key)}
-    return {"label": f"{runtime} {predictor.precision}", "runtime": predictor.runtime, "precision": predictor.precision,
+    return {"label": f"{predictor.runtime} {predictor.precision}", "runtime": predictor.runtime, "precision": predictor.precision,
             "project": proj, "original": orig, "ratios": ratios}
 
 

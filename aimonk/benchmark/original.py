@@ -86,3 +86,49 @@ def original_predict_one(model: nn.Module, path: Path, transform, device: torch.
     with Image.open(path) as img:
         x = transform(img.convert("RGB"))[None].to(device)  # (1, 3, S, S)
     return torch.sigmoid(model(x)).cpu()
+
+
+def original_train(data_dir: str | Path, epochs: int, out: str | Path, batch_size: int = 16,
+                   image_size: int = 224, weights: str = "imagenet") -> int:
+    """The seed's training script, the end-to-end benchmark's baseline: ResNet18, Adam 1e-4, batch 16, fp32
+    NCHW, PIL decode on every access, every labelled image trained on, NA masked, ``pos_weight``; saves the
+    state dict. Returns the number of images it trained on."""
+    from aimonk.data import index_dataset
+    from aimonk.losses import MaskedBCEWithLogitsLoss, compute_pos_weight
+    from aimonk.model import build_model
+
+    index = index_dataset(data_dir)
+    targets = index.table.targets  # (N, A), -1 for NA
+    model = build_model("resnet18", targets.shape[1], weights)
+    criterion = MaskedBCEWithLogitsLoss(compute_pos_weight(targets))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = DataLoader(OriginalDataset(index.paths, targets, original_transform(image_size, True)),
+                        batch_size=batch_size, shuffle=True)
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            original_train_step(model, batch, criterion, optimizer, torch.device("cpu"))
+    torch.save(model.state_dict(), out)
+    return len(index.paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m aimonk.benchmark.original",
+                                description="the seed's training script (the end-to-end benchmark's baseline)")
+    p.add_argument("--data", required=True, help="folder with labels.txt and images/")
+    p.add_argument("--epochs", type=int, default=20, help="passes over every labelled image")
+    p.add_argument("--out", required=True, help="where the state dict goes")
+    p.add_argument("--image-size", type=int, default=224, help="images are resized to this square size")
+    p.add_argument("--weights", default="imagenet", help='"imagenet" (random init, with a warning, when absent) or "none"')
+    a = p.parse_args(argv)
+    n = original_train(a.data, a.epochs, a.out, image_size=a.image_size, weights=a.weights)
+    print(f"Saved {a.out} ({n} images, {a.epochs} epochs)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

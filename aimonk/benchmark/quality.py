@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from aimonk.backends import installed_runtimes
+from aimonk.benchmark.deployed import deployed_predictor
 from aimonk.benchmark.report import run_info
 from aimonk.data import file_digest, index_dataset, make_folds
 from aimonk.evaluate import score_folder, validation_scores
@@ -226,8 +227,9 @@ def _score_on_runtimes(wanted, checkpoint: str, data_dir: str, test_names: list[
     """Targets, torch fp32 probabilities and one probability array per (runtime, precision) on the named images."""
     targets, p_fp32, _, _ = score_folder(Predictor(checkpoint, device="cpu", precision="fp32", runtime=TORCH), data_dir,
                                          names=test_names)
-    scored = [score_folder(Predictor(checkpoint, device="cpu", runtime=runtime, precision=precision), data_dir,
-                           names=test_names)[1] for runtime, precision in wanted]
+    with tempfile.TemporaryDirectory(prefix="aimonk-quality-int8-") as tmp:  # int8 exports, calibrated on training
+        scored = [score_folder(deployed_predictor(checkpoint, runtime, precision, data_dir, Path(tmp)), data_dir,
+                               names=test_names)[1] for runtime, precision in wanted]
     return targets, p_fp32, scored
 
 
@@ -282,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:  # the run (machine, versions, command, date), then one row per (recipe, fold)
         rows = json.loads(df.to_json(orient="records"))
         info["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
-        record = {"benchmark": "quality", "run": info, "data": a.data, "folds": a.folds, "rows": rows}
+        cache = "shared" if "cache_dir" in overrides else "run"  # "run": its own, empty at the start
+        record = {"benchmark": "quality", "run": info, "data": a.data, "folds": a.folds, "cache": cache, "rows": rows}
         atomic_write_text(a.json, json.dumps(record, indent=1))
     return 0
 

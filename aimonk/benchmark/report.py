@@ -209,7 +209,7 @@ def render_quality(record: dict, source: str) -> str:
                         + " / ".join(str(int(n)) for _, n in s["vs_torch"]) if s["vs_torch"] else "")
                      + ("; macro AP minus torch fp32's " + " / ".join(f"{a - b:+.4f}" for a, b in zip(s["per_fold"], torch_ap))
                         if torch_ap and len(torch_ap) == len(s["per_fold"]) else ""))
-    lines += _time_ratio_lines(summary)
+    lines += _time_ratio_lines(summary, record.get("cache"))
     lines += ["", "Verdict (signal: mean macro ROC-AUC − 2 std ≥ chance AUC + "
               f"{SIGNAL_MARGIN}):", ""]
     for s in summary:
@@ -234,13 +234,21 @@ def time_ratio(summary: list[dict]) -> tuple[float, float, float] | None:
     return new, old, new / old
 
 
-def _time_ratio_lines(summary: list[dict]) -> list[str]:
+def _time_ratio_lines(summary: list[dict], cache: str | None = None) -> list[str]:
     ratio = time_ratio(summary)
     if ratio is None:
         return []
     new, old, r = ratio
-    return ["", f"Time per fold, in turns in this run (median over folds, training and validation included): "
-                f"`pretrained` {new:.1f} min against `{PREVIOUS_RECIPE}` {old:.1f} min, **{r:.2f}x** the time."]
+    lines = ["", f"Time per fold, in turns in this run (median over folds, training and validation included): "
+                 f"`pretrained` {new:.1f} min against `{PREVIOUS_RECIPE}` {old:.1f} min, **{r:.2f}x** the time."]
+    if cache == "run":  # the run's own cache: cold for each recipe's first fold
+        by = {s["recipe"]: s for s in summary}
+        per = [a / b for a, b in zip(by["pretrained"]["minutes"], by[PREVIOUS_RECIPE]["minutes"])]
+        lines[-1] += (f" Fold by fold: {' / '.join(f'{x:.2f}x' for x in per)}. Training cached its decoded images "
+                      "and frozen features in the run's own folder: each recipe's first fold started from an empty "
+                      "cache, as a first training on a folder does, and the later folds read what the earlier ones "
+                      "had stored, as a retraining after a label change does.")
+    return lines
 
 
 def render_audit(record: dict, source: str) -> str:
@@ -352,8 +360,30 @@ def render_deployed(record: dict, source: str) -> str:
                      f"({r['infer_model_only']:.2f}x) | {p['latency_ms']:.1f} ({r['latency_ms']:.2f}x) | "
                      f"{p['peak_rss_mb']:.0f} |")
     o = next(iter(record["variants"].values()))["original"]
+    skipped = record.get("skipped") or {}
+    if skipped:
+        lines += ["", "Not measured: " + "; ".join(f"{label}: {why}" for label, why in skipped.items()) + "."]
     lines += ["", f"The original loop in the first block: {o['infer']:.1f} img/s from files, {o['infer_model_only']:.1f} "
               f"img/s model only, {o['latency_ms']:.1f} ms per image."]
+    return "\n".join(lines) + "\n"
+
+
+def render_endtoend(record: dict, source: str) -> str:
+    """The markdown beside an ``endtoend`` JSON: each side's wall time per round and the ratios."""
+    lines = [GENERATED.format(source=source), "",
+             f"# Training end to end: `{record['data']}`, {record['n_images']} images, {record['epochs']} epochs",
+             "", *_run_lines(record),
+             f"- the CLI: recipe `{record['recipe']}` ({record['backbone']}, {record['image_size']} px), "
+             f"{record['cli_train_images']} images trained on (validation fraction {record['cli_val_fraction']}); "
+             f"the seed's script: all {record['n_images']}, no validation",
+             "", "Each side is a fresh process timed from start to exit, in turns, round by round "
+             "(`python -m aimonk.benchmark endtoend --help`). Cold: a new, empty cache (a first run: decoding, "
+             "precision measured); warm: the cache the cold run filled (a retraining).", "",
+             "| side | command | seconds per round | median | the seed's / this |", "|---|---|---|---|---|"]
+    for side, times in record["seconds"].items():
+        ratio = f"{record['ratios'][side]:.2f}x" if side in record["ratios"] else ""
+        lines.append(f"| {side} | `python {record['commands'][side]}` | {' / '.join(f'{t:.1f}' for t in times)} | "
+                     f"{record['median'][side]:.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +404,12 @@ def _glance_rows(name: str, record: dict) -> list[str]:
         return [_audit_glance(record, link)]
     if record["benchmark"] == "deployed":
         return [_deployed_glance(record, link)]
+    if record["benchmark"] == "endtoend":
+        r, m = record["ratios"], record["median"]
+        return [f"| training end to end, `python -m aimonk train --recipe {record['recipe']}` | `{record['data']}` | "
+                f"{r['cli cold']:.2f}x cold ({m['cli cold']:.0f} s), {r['cli warm']:.2f}x warm ({m['cli warm']:.0f} s) "
+                f"| the seed's script, {m['original']:.0f} s, in turns | {record['n_images']} images, "
+                f"{record['epochs']} epochs, {record['backbone']} | {link} |"]
     if record["benchmark"] == "quality":
         summary = quality_summary(record)
         majority = next((s for s in summary if s["recipe"] == "majority"), None)
@@ -505,7 +541,8 @@ def render_all(folder: Path, readme: Path | None = None) -> dict[Path, str]:
     return out
 
 
-RENDERERS = {"quality": render_quality, "speed": render_speed, "audit": render_audit, "deployed": render_deployed}
+RENDERERS = {"quality": render_quality, "speed": render_speed, "audit": render_audit, "deployed": render_deployed,
+             "endtoend": render_endtoend}
 
 
 def orphan_tables(folder: Path, files: dict[Path, str]) -> list[Path]:
