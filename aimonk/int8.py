@@ -120,9 +120,10 @@ def quantize(model: nn.Module, calibration: dict, image_size: int) -> nn.Module:
         return convert_fx(prepared).eval()
 
 
-def calibrate_checkpoint(model_path, data_dir, images: int = CALIBRATION_IMAGES, cache_dir: str | None = None) -> dict:
-    """Add int8 calibration to an existing checkpoint, from the labelled images of ``data_dir``
-    that were not its validation images (for checkpoints trained before training calibrated them).
+def calibrate_checkpoint(model_path, data_dir, images: int = CALIBRATION_IMAGES, cache_dir: str | None = None,
+                         names: Sequence[str] | None = None) -> dict:
+    """Add int8 calibration to an existing checkpoint, from the labelled images of ``data_dir`` (those in
+    ``names`` if given, e.g. a benchmark fold's training part) that were not its validation images.
 
     Returns:
         The calibration written into the checkpoint's ``CheckpointMeta.int8``.
@@ -135,7 +136,8 @@ def calibrate_checkpoint(model_path, data_dir, images: int = CALIBRATION_IMAGES,
         raise ValueError(f"{model_path}: int8 inference {problem}")
     index = index_dataset(data_dir)
     val = set((meta.split or {}).get("val") or [])
-    paths = [p for n, p in zip(index.table.names, index.paths) if n not in val]
+    allowed = set(names) if names is not None else None
+    paths = [p for n, p in zip(index.table.names, index.paths) if n not in val and (allowed is None or n in allowed)]
     cache = DecodedCache(paths, meta.image_size, cache_dir)
     if not cache.ok:
         raise ValueError(f"{data_dir}: no readable image outside the checkpoint's validation split to calibrate on")

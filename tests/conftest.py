@@ -35,7 +35,8 @@ def trained(tmp_path_factory, sample_dir):
     folder = tmp_path_factory.mktemp("trained")
     # batch 24: 161 training images never leave a lone last batch of one
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=32, batch_size=24, weights="none",
-                      out=str(folder / "model.pth"), loss_plot=str(folder / "loss_curve.png"), progress=False)
+                      int8_calibration=True, out=str(folder / "model.pth"), loss_plot=str(folder / "loss_curve.png"),
+                      progress=False)
     with pytest.warns(UserWarning, match="not found"):  # the sample's one missing image
         return train(cfg)
 

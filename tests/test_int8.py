@@ -88,6 +88,18 @@ def test_training_calibrates_a_resnet18_checkpoint(trained, sample_dir):
     assert str(result).startswith("Image: image_0.jpg\nAttributes present: [")
 
 
+def test_training_calibrates_int8_only_when_asked(tmp_path):
+    from helpers import sample_subset, tiny_config
+
+    from aimonk.train import train
+
+    data = sample_subset(tmp_path / "data", 24)
+    result = train(tiny_config(data, tmp_path / "model.pth", tmp_path / "cache", batch_size=8))
+    assert result.meta.int8 is None  # int8 is opt-in: the default run does not pay for its calibration
+    with pytest.raises(ValueError, match=r"model\.pth: int8 inference needs calibration.*calibrate-int8"):
+        Predictor(result.checkpoint, precision="int8")
+
+
 def test_int8_is_refused_clearly(constant_checkpoint, tmp_path):
     path = constant_checkpoint([0.3, 0.7])  # no calibration in it
     with pytest.raises(ValueError, match=r"constant\.pth: int8 inference needs calibration.*calibrate-int8"):
@@ -140,7 +152,7 @@ def test_a_failed_calibration_never_costs_the_trained_model(sample_dir, tmp_path
 
     monkeypatch.setattr(int8, "calibrate", broken)
     cfg = TrainConfig(data_dir=str(sample_dir), epochs=1, image_size=32, batch_size=24, weights="none",
-                      out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
+                      int8_calibration=True, out=str(tmp_path / "model.pth"), loss_plot="", progress=False)
     with pytest.warns(UserWarning) as caught:
         result = train(cfg)
     assert any("int8 calibration failed (observer exploded)" in str(w.message) for w in caught)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aimonk import int8
 from aimonk.backends import installed_runtimes
 from aimonk.benchmark.deployed import deployed_predictor
 from aimonk.benchmark.report import run_info
@@ -147,7 +148,7 @@ def _recipe_rows(recipe: str, k: int, cfg: TrainConfig, train_names: list[str], 
     thresholds, decisions = choose_decisions(t_val, p_val, result.meta.attributes)
     t_te, p_te, _, _ = score_folder(result.checkpoint, data_dir, names=test_names, runtime=TORCH)
     scores = fold_scores(t_te, p_te, thresholds, decisions)
-    extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, val_names, test_names)
+    extra = _ablation_rows(recipe, k, result, cfg.tta, data_dir, train_names, val_names, test_names)
     extra += _runtime_rows(runtimes, recipe, k, result.checkpoint, data_dir, test_names, (thresholds, decisions))
     kept = {"kept_epoch": result.history.get("best_epoch", cfg.epochs),
             "val_ap_by_epoch": [round(a, 4) for a in result.history["val_macro_ap"]],
@@ -176,9 +177,10 @@ def _recipe_config(recipe: str, recipes_cfg: dict, data_dir: str, out: Path, see
                           "progress": progress})
 
 
-def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_names: list[str],
-                   test_names: list[str]) -> list[dict]:
-    """Rows for the trained model scored again without flip TTA and in int8; no training time of their own."""
+def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, train_names: list[str],
+                   val_names: list[str], test_names: list[str]) -> list[dict]:
+    """Rows for the trained model scored again without flip TTA and in int8 (calibrated here, on the fold's
+    training part, where the model supports it); no training time of their own."""
     attrs, extra = result.meta.attributes, []
     # A free ablation: the same model scored with the flip TTA switched the other way. A cross-fitted probe
     # without TTA stores no out-of-fold flipped validation scores: that row keeps the model's own decisions.
@@ -190,6 +192,8 @@ def _ablation_rows(recipe: str, k: int, result, tta: bool, data_dir: str, val_na
         decided = (result.meta.thresholds, result.meta.decisions)
     extra.append({"recipe": f"{recipe} {'without' if tta else 'with'} flip TTA", "fold": k, "minutes": 0.0,
                   **fold_scores(t_te, p_te, *decided)})
+    if not result.meta.int8 and int8.available() and not int8.unsupported(result.meta.backbone, result.meta.probe):
+        result.meta.int8 = int8.calibrate_checkpoint(result.checkpoint, data_dir, names=train_names)
     if result.meta.int8:  # the same model in int8 (CPU inference), thresholds tuned in int8 too
         int8_model = Predictor(result.checkpoint, device="cpu", precision="int8")
         t_val, p_val, _, _ = score_folder(int8_model, data_dir, names=val_names)

@@ -43,6 +43,8 @@ class TrainConfig:
     probe_feature_cache: bool = _field(True, "read the probe's frozen features from the on-disk cache in cache_dir "
                                              "(keyed by image digest, network and size); only new images are computed")
     probe_backbones: str = _field("", 'comma-separated frozen networks whose concatenated features the probe reads ("" = backbone)')
+    int8_calibration: bool = _field(False, "end by calibrating int8 inference into the checkpoint (ResNet18, about "
+                                           "10 s; `python -m aimonk calibrate-int8` adds it later)")
     keep_best: bool = _field(False, "keep the epoch with the best validation macro AP (early stopping)")
     val_fraction: float = _field(0.2, "share of images held out for validation (0 = none)")
     seed: int = _field(0, "seeds the split, initialisation, shuffling and augmentation")

@@ -378,13 +378,14 @@ def describe(run: Run, history: dict, probe: dict | None, val_scores: dict | Non
 
 
 def write(run: Run, model: nn.Module, meta: CheckpointMeta, history: dict) -> tuple[Path, Path | None]:
-    """Rank 0 adds the int8 calibration and writes the checkpoint and the loss plot; then every process
-    waits for it. Returns the checkpoint and plot paths."""
+    """Rank 0 adds the int8 calibration (``int8_calibration``) and writes the checkpoint and the loss plot;
+    then every process waits for it. Returns the checkpoint and plot paths."""
     cfg = run.cfg
     out = Path(cfg.out)
     plot = Path(cfg.loss_plot) if cfg.loss_plot and distributed.is_main() else None
     if distributed.is_main():
-        meta.int8 = _int8_calibration(model, cfg, len(meta.attributes), run.train_plain, meta.probe)
+        if cfg.int8_calibration:  # opt-in, like int8 inference: it costs a ResNet18 run about 10 s
+            meta.int8 = _int8_calibration(model, cfg, len(meta.attributes), run.train_plain, meta.probe)
         save_checkpoint(out, model, meta)
         resume_path(out).unlink(missing_ok=True)
     if plot is not None:
