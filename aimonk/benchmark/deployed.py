@@ -4,8 +4,9 @@
 
 For each runtime and precision of ``RUNTIME_VARIANTS`` (``torch`` at the precision ``auto`` picks and in
 int8 where the checkpoint supports it, each installed ONNX runtime in fp32 and on an int8 export,
-OpenVINO in bf16 too), the model is loaded as a user gets it (``deployed_predictor``) and measured in turns with the seed's inference loop (``aimonk.benchmark.original``: an untrained
-ResNet18 at 224 px, PIL decode, fp32 NCHW) on the same files:
+OpenVINO in bf16 too), the model is loaded as a user gets it (``deployed_predictor``) and measured in
+turns with the seed's inference loop (``aimonk.benchmark.original``: an untrained ResNet18 at 224 px,
+PIL decode, fp32 NCHW) on the same files:
 
 - from files: ``Predictor.predict_many`` (decode, resize, batches of ``--infer-batch-size``) against
   ``original_infer``, two batches at a time each;
@@ -39,7 +40,7 @@ from aimonk.benchmark.workload import select_rows
 from aimonk.config import IMAGENET_MEAN, IMAGENET_STD
 from aimonk.data import decode_uint8, index_dataset, normalize_batch
 from aimonk.export import export_model
-from aimonk.inference import Predictor, int8_problem
+from aimonk.inference import Predictor
 from aimonk.model import build_model
 
 ORIGINAL_SIZE = 224  # the seed loop's image size
@@ -56,13 +57,14 @@ def deployed_predictor(model_path: str | Path, runtime: str, precision: str, dat
     images in ``data_dir``), written once into ``workdir``; int8 on torch is the checkpoint's own
     calibration (``aimonk.int8``), where its backbone supports it.
     """
-    if precision != "int8":
+    if precision == "int8" and runtime != "torch":
+        return Predictor(int8_export(model_path, data_dir, workdir), runtime=runtime)
+    try:
         return Predictor(model_path, device="cpu", runtime=runtime, precision=precision)
-    if runtime == "torch":
-        problem = int8_problem(Predictor(model_path, device="cpu", runtime="torch").meta, torch.device("cpu"))
-        return f"torch int8 {problem}" if problem else Predictor(model_path, device="cpu", runtime="torch",
-                                                                 precision="int8")
-    return Predictor(int8_export(model_path, data_dir, workdir), runtime=runtime)
+    except ValueError as e:  # torch int8 refused, saying why (e.g. a probe ensemble, no calibration)
+        if precision != "int8":
+            raise
+        return str(e).split(": ", 1)[-1]
 
 
 def int8_export(model_path: str | Path, data_dir: str | Path, workdir: Path) -> Path:
