@@ -316,14 +316,14 @@ class Predictor:
                                   or not installed_runtimes()):
             return  # torch it is: nothing else runs this
         sha = file_sha256(self.path)
-        self._bf16_allowed = runtime == "auto" and precision == "auto"  # an explicit fp32 keeps fp32
+        bf16_allowed = runtime == "auto" and precision == "auto"  # an explicit fp32 keeps fp32
         choice = (runtime, "bf16" if bf16 else "fp32") if runtime != "auto" else \
-            _cached_runtime_choice(self.path, sha, self.precision, self._bf16_allowed)
+            _cached_runtime_choice(self.path, sha, self.precision, bf16_allowed)
         if choice is not None and choice[0] == "torch":
             return
         art = read_artifact(artifact, sha) if artifact is not None else self._cached_export(sha)
         if choice is None:
-            choice = self._measure_runtimes(art, sha)
+            choice = self._measure_runtimes(art, sha, bf16_allowed)
             if choice[0] == "torch":
                 return
         name, precision = choice
@@ -341,7 +341,7 @@ class Predictor:
             export_onnx(model, meta, path, sha)
             return read_artifact(path, sha)
 
-    def _measure_runtimes(self, art: Artifact, sha: str) -> tuple[str, str]:
+    def _measure_runtimes(self, art: Artifact, sha: str, bf16_allowed: bool) -> tuple[str, str]:
         """Verify each installed runtime against torch fp32 on probe images (within ``PARITY_TOLERANCE``, no
         decision flip), time them and torch, and return (and cache, and print once) the fastest verified one
         as ``(runtime, precision)``."""
@@ -357,17 +357,17 @@ class Predictor:
             if checks[label]["max_abs_diff"] <= PARITY_TOLERANCE and checks[label]["decision_flips"] == 0:
                 rates[label] = _rate(session.run, images.numpy())
                 verified_fp32 = verified_fp32 or session
-        if self._bf16_allowed and "openvino" in installed_runtimes(art.path):
+        if bf16_allowed and "openvino" in installed_runtimes(art.path):
             bf16 = open_session("openvino", art, precision="bf16")
             checks["openvino bf16"] = self._check_bf16(bf16, verified_fp32)
             if checks["openvino bf16"]["verified"]:
                 rates["openvino bf16"] = _rate(bf16.run, images.numpy())
         best = max(rates, key=rates.get)
         choice = ("torch", self.precision) if best.startswith("torch") else tuple(best.split())
-        _store_runtime_choice(_runtime_key(sha, self.precision, self._bf16_allowed),
+        _store_runtime_choice(_runtime_key(sha, self.precision, bf16_allowed),
                               {"choice": list(choice), "rates": rates, "parity": checks})
         verified = "; ".join(_check_text(n, c) for n, c in checks.items())
-        _report_once(_runtime_key(sha, self.precision, self._bf16_allowed),
+        _report_once(_runtime_key(sha, self.precision, bf16_allowed),
                      f"{self.path}: runtime auto: {' '.join(choice)}; against torch fp32 on {len(images)} images: "
                      f"{verified}; measured img/s: {_rates_text(rates)}")
         return choice

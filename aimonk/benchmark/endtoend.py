@@ -29,9 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from aimonk import config
 from aimonk.benchmark.report import run_info
 from aimonk.benchmark.workload import select_rows
-from aimonk.data import index_dataset
+from aimonk.data import index_dataset, load_split
 from aimonk.files import atomic_write_text
 from aimonk.review import format_labels
 from aimonk.train import recipe_config
@@ -89,9 +90,10 @@ def run(data_dir: str, recipe: str = "original", epochs: int = 8, limit: int = 3
             for side in SIDES:
                 seconds[side].append(run_side(cmds[side], env))
                 log(f"round {r + 1}/{rounds}: {side} {seconds[side][-1]:.1f} s")
+        cli_train_images = len(load_split(work / "cli" / config.SPLIT_NAME)["train"])  # the split the CLI wrote
     median = {side: statistics.median(t) for side, t in seconds.items()}
     return {"data": str(data_dir), "recipe": recipe, "epochs": epochs, "n_images": n_images,
-            "cli_train_images": n_images - round(n_images * cfg.val_fraction), "cli_val_fraction": cfg.val_fraction,
+            "cli_train_images": cli_train_images, "cli_val_fraction": cfg.val_fraction,
             "backbone": cfg.backbone, "image_size": cfg.image_size, "rounds": rounds, "seconds": seconds,
             "median": median, "ratios": {side: median["original"] / median[side] for side in SIDES[1:]},
             "commands": {side: " ".join(c[1:]) for side, c in cmds.items()}}
