@@ -259,6 +259,29 @@ def test_nonfinite_loss_stops_with_epoch_and_batch_and_keeps_last_good_state(dat
     assert_same_run(Path(cfg.out), reference)
 
 
+def test_a_failed_state_write_stops_training_with_its_error_and_the_written_states_stay_whole(data, tmp_path,
+                                                                                              monkeypatch):
+    """The state is written in the background while the next epoch trains; a write that fails (here the
+    second: a full disk) still stops the run with the write's own error, and leaves the first state whole."""
+    import aimonk.train.resume as resume
+
+    writes, real = [], resume.atomic_write_bytes
+
+    def second_write_fails(path, data_):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, data_)
+
+    monkeypatch.setattr(resume, "atomic_write_bytes", second_write_fails)
+    cfg = config_for(data, tmp_path / "model.pth", tmp_path / "cache")
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg)
+    assert not Path(cfg.out).exists()  # no checkpoint after a failed run
+    assert torch.load(resume_path(cfg.out), weights_only=True)["epoch"] == 1
+    assert len(writes) == 2  # the failure stopped the run at the next epoch's hand-over at the latest
+
+
 # --------------------------------------------------------------------------- output folder
 
 

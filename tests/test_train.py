@@ -566,3 +566,27 @@ def test_without_validation_images_training_says_the_decisions_are_untuned(tmp_p
                                          r"every learnable attribute uses threshold 0\.5"):
         result = train(cfg)
     assert result.meta.thresholds == [0.5] * 4 and result.meta.decisions == ["threshold"] * 4
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_decisions_are_tuned_on_the_validation_pass_of_the_saved_weights_without_scoring_them_again(
+        tmp_path, sample_dir, monkeypatch, keep_best):
+    import aimonk.train.run as run_module
+    from aimonk.inference import Predictor
+    from aimonk.metrics import choose_decisions
+
+    calls = []
+    real_validate = run_module.validate
+    monkeypatch.setattr(run_module, "validate", lambda *a, **k: calls.append(1) or real_validate(*a, **k))
+    cfg = tiny_config(sample_dir, tmp_path / "model.pth", tmp_path / "cache", epochs=3, val_fraction=0.4,
+                      keep_best=keep_best, image_size=48)
+    result = train(cfg)
+    assert len(calls) == cfg.epochs  # once per epoch; the decisions add no pass of their own
+    # The saved model, scored afresh on the validation images, gives the decisions it carries.
+    val = result.meta.split["val"]
+    fp32 = Predictor(result.checkpoint, device="cpu", precision="fp32", runtime="torch")  # as training validated
+    targets, probs, names, _ = score_folder(fp32, sample_dir, names=val, cache_dir=cfg.cache_dir, tta=False)
+    assert sorted(names) == sorted(val)
+    thresholds, decisions = choose_decisions(targets, probs, result.meta.attributes)
+    assert result.meta.decisions == decisions
+    assert result.meta.thresholds == pytest.approx(thresholds)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from aimonk import distributed
-from aimonk.files import CheckpointError, atomic_torch_save, safe_load
+from aimonk.files import CheckpointError, atomic_write_bytes, safe_load
 from aimonk.train.config import TrainConfig
 from aimonk.train.loop import TrainingError
 
@@ -31,16 +34,47 @@ def resumable_config(cfg: TrainConfig) -> dict:
     return d
 
 
-def save_state(path: Path, cfg: TrainConfig, epoch: int, history: dict, model: nn.Module, optimizer, scheduler,
-               ema, best_ap: float, best_state: dict | None) -> None:
-    """Write the state after ``epoch`` epochs (atomically: a kill never leaves half a file)."""
-    atomic_torch_save({
+def state_bytes(cfg: TrainConfig, epoch: int, history: dict, model: nn.Module, optimizer, scheduler, ema,
+                best_ap: float, best_state: dict | None) -> bytes:
+    """The state after ``epoch`` epochs, serialised: a snapshot that later steps do not change."""
+    buffer = io.BytesIO()
+    torch.save({
         "config": resumable_config(cfg), "epoch": epoch, "history": history,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
         "best_ap": best_ap, "best_state": best_state,
-    }, path)
+    }, buffer)
+    return buffer.getvalue()
+
+
+class StateWriter:
+    """Writes each epoch's state (serialised at once, in the training thread) in a background thread, so
+    that the write and its fsync overlap the next epoch instead of stalling it.
+
+    One write at a time: ``write`` first waits for the one before. ``wait`` returns once the last write is
+    on disk and raises its error; ``run_epochs`` calls it before leaving, on success or failure, so a
+    finished or failed run has its last state on disk, as with a write in line.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimonk-state")
+        self._pending: Future | None = None
+
+    def write(self, path: Path, data: bytes) -> None:
+        self.wait()
+        self._pending = self._pool.submit(atomic_write_bytes, path, data)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # the write's own error (an OSError naming the file)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_state(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, ema) -> dict:

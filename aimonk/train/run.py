@@ -40,7 +40,7 @@ from aimonk.train.loop import (
     train_transform,
     validate,
 )
-from aimonk.train.resume import load_state, resume_path, save_state
+from aimonk.train.resume import StateWriter, load_state, resume_path, state_bytes
 
 DEFAULT_THRESHOLD = 0.5  # every learnable attribute's threshold when there are no validation images to tune on
 
@@ -164,9 +164,9 @@ def train(cfg: TrainConfig, names: Sequence[str] | None = None) -> TrainResult:
 def _train(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -> TrainResult:
     start = time.perf_counter()
     run = setup(cfg, names, device)  # checks, data and split, model, loss, optimizer
-    history, best_state = run_epochs(run)  # resume, then train + validate + save state, epoch by epoch
+    history, best_state, saved_probs = run_epochs(run)  # resume, then train + validate + save state, epoch by epoch
     model, probe, val_scores = finish(run, history, best_state)  # best epoch, probe ensemble, on the CPU
-    thresholds, decisions = tune_decisions(run, model, val_scores)  # on validation; majority where no signal
+    thresholds, decisions = tune_decisions(run, model, val_scores, saved_probs)  # majority where no signal
     meta = describe(run, history, probe, val_scores, thresholds, decisions)
     checkpoint, plot = write(run, model, meta, history)  # checkpoint and loss plot (rank 0)
     return TrainResult(model, meta, checkpoint, plot, history, time.perf_counter() - start)
@@ -240,19 +240,21 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
                scaler, ema, batch_size, drop_last, steps_per_epoch, reduce_loss)
 
 
-def run_epochs(run: Run) -> tuple[dict, dict | None]:
+def run_epochs(run: Run) -> tuple[dict, dict | None, np.ndarray | None]:
     """Train from the first (or the resumed) epoch to ``cfg.epochs``.
 
     After each epoch rank 0 validates and saves the resumable state.
 
     Returns:
-        ``(history, best_state)``: best_state holds the best epoch's weights with ``keep_best``, else None.
+        ``(history, best_state, saved_probs)``: best_state holds the best epoch's weights with ``keep_best``,
+        else None; saved_probs the validation probabilities of the weights ``finish`` saves (the best epoch's
+        with ``keep_best``, else the last epoch's), or None where this run did not validate them.
     """
     cfg, main = run.cfg, distributed.is_main()
     state_file = resume_path(cfg.out)
     history = {"loss": [], "epoch_loss": [], "val_macro_ap": [], "epoch_seconds": [],
                "steps_per_epoch": run.steps_per_epoch}
-    start_epoch, best_ap, best_state = 0, -1.0, None
+    start_epoch, best_ap, best_state, last_probs, best_probs = 0, -1.0, None, None, None
     if cfg.resume and distributed.from_main(state_file.is_file):  # rank 0's file, sent to every process
         state = load_state(state_file, cfg, run.model, run.optimizer, run.scheduler, run.ema)
         history, start_epoch, best_ap, best_state = state["history"], state["epoch"], state["best_ap"], state["best_state"]
@@ -269,33 +271,38 @@ def run_epochs(run: Run) -> tuple[dict, dict | None]:
     scored = run.ema.module if run.ema is not None else run.model  # what validation and the checkpoint see
     bar = tqdm(range(start_epoch, cfg.epochs), desc="training", unit="epoch", disable=not cfg.progress,
                initial=start_epoch, total=cfg.epochs)
-    for epoch in bar:
-        seed = distributed.rank_seed(cfg.seed * 1000 + epoch)
-        set_seed(seed)  # per-epoch seeding makes a resumed run replay exactly
-        set_backbone_trainable(run.model, epoch >= cfg.freeze_epochs)
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            run.train_set, batch_size=run.batch_size, sampler=sampler, drop_last=run.drop_last,
-            generator=torch.Generator().manual_seed(seed), num_workers=cfg.num_workers,  # the generator seeds workers
-            pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
-        t0 = time.perf_counter()
-        losses = _train_epoch(run, trained, loader, epoch, state_file)
-        history["loss"].extend(losses)
-        history["epoch_loss"].append(float(np.mean(losses)))
-        history["epoch_seconds"].append(time.perf_counter() - t0)
-        if len(run.val_set) and main:  # the other processes go on to the next epoch's first gradient exchange
-            ap, _ = validate(scored, run.val_set, run.device, run.eval_precision, run.channels_last, run.spec.mean,
-                             run.spec.std, cfg.tta)
-            history["val_macro_ap"].append(ap)
-            if cfg.keep_best and ap > best_ap:
-                best_ap = ap
-                best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
-        bar.set_postfix(loss=f"{history['epoch_loss'][-1]:.4f}",
-                        val_ap=f"{history['val_macro_ap'][-1]:.3f}" if history["val_macro_ap"] else "-")
-        if main:
-            save_state(state_file, cfg, epoch + 1, history, run.model, run.optimizer, run.scheduler, run.ema,
-                       best_ap, best_state)
-    return history, best_state
+    writer = StateWriter() if main else None  # each epoch's state is written while the next one trains
+    try:
+        for epoch in bar:
+            seed = distributed.rank_seed(cfg.seed * 1000 + epoch)
+            set_seed(seed)  # per-epoch seeding makes a resumed run replay exactly
+            set_backbone_trainable(run.model, epoch >= cfg.freeze_epochs)
+            sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                run.train_set, batch_size=run.batch_size, sampler=sampler, drop_last=run.drop_last,
+                generator=torch.Generator().manual_seed(seed), num_workers=cfg.num_workers,  # the generator seeds workers
+                pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+            t0 = time.perf_counter()
+            losses = _train_epoch(run, trained, loader, epoch, state_file)
+            history["loss"].extend(losses)
+            history["epoch_loss"].append(float(np.mean(losses)))
+            history["epoch_seconds"].append(time.perf_counter() - t0)
+            if len(run.val_set) and main:  # the other processes go on to the next epoch's first gradient exchange
+                ap, last_probs = validate(scored, run.val_set, run.device, run.eval_precision, run.channels_last,
+                                          run.spec.mean, run.spec.std, cfg.tta)
+                history["val_macro_ap"].append(ap)
+                if cfg.keep_best and ap > best_ap:
+                    best_ap, best_probs = ap, last_probs
+                    best_state = {k: v.detach().cpu().clone() for k, v in scored.state_dict().items()}
+            bar.set_postfix(loss=f"{history['epoch_loss'][-1]:.4f}",
+                            val_ap=f"{history['val_macro_ap'][-1]:.3f}" if history["val_macro_ap"] else "-")
+            if writer is not None:
+                writer.write(state_file, state_bytes(cfg, epoch + 1, history, run.model, run.optimizer, run.scheduler,
+                                                     run.ema, best_ap, best_state))
+    finally:
+        if writer is not None:
+            writer.close()  # the last state is on disk before training reports success or failure
+    return history, best_state, best_probs if cfg.keep_best and best_state is not None else last_probs
 
 
 def _train_epoch(run: Run, trained: nn.Module, loader, epoch: int, state_file: Path) -> list[float]:
@@ -332,11 +339,13 @@ def finish(run: Run, history: dict, best_state: dict | None) -> tuple[nn.Module,
     return model.to("cpu").to(memory_format=torch.contiguous_format).eval(), probe, val_scores
 
 
-def tune_decisions(run: Run, model: nn.Module, val_scores: dict | None) -> tuple[list[float], list[str]]:
+def tune_decisions(run: Run, model: nn.Module, val_scores: dict | None,
+                   saved_probs: np.ndarray | None = None) -> tuple[list[float], list[str]]:
     """Per attribute, a threshold tuned on validation where the model beats chance and the majority rule
     there, else the majority rule (``metrics.choose_decisions``).
 
-    The probabilities are the saved model's on the validation images, or the out-of-fold ones when the
+    The probabilities are the saved model's on the validation images (``saved_probs``, from the epoch's
+    validation pass that scored those weights, where there was one), or the out-of-fold ones when the
     saved model has seen them (the cross-fitted probe). An attribute training could not learn keeps its
     majority rule. Without validation images every learnable attribute gets ``DEFAULT_THRESHOLD``, with
     a warning.
@@ -351,7 +360,9 @@ def tune_decisions(run: Run, model: nn.Module, val_scores: dict | None) -> tuple
         return [DEFAULT_THRESHOLD] * len(attributes), list(run.decisions)
     if val_scores is not None:
         probs = val_scores["flip_tta"] if cfg.tta and val_scores.get("flip_tta") is not None else val_scores["plain"]
-    else:
+    elif saved_probs is not None:
+        probs = saved_probs
+    else:  # a resumed run that trained no epoch after its best one
         _, probs = validate(model, run.val_set, torch.device("cpu"), "fp32", False, run.spec.mean, run.spec.std,
                             cfg.tta)
     thresholds, decisions = choose_decisions(run.val_set.targets.numpy(), probs, attributes)
