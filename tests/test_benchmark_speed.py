@@ -69,9 +69,15 @@ def test_the_end_to_end_benchmark_times_the_cli_and_the_seed_script_as_processes
     for side in ("original", "cli cold", "cli warm"):
         assert len(res["seconds"][side]) == 1 and _positive(res["median"][side])
     assert set(res["ratios"]) == {"cli cold", "cli warm"} and all(_positive(r) for r in res["ratios"].values())
-    assert "faster than the seed's script" in capsys.readouterr().out
+    for side in ("cli cold", "cli warm"):  # the ceiling: the CLI's own epochs, from its checkpoint, are part of its run
+        assert 0 < res["epochs_median"][side] < res["median"][side]
+        assert res["ceiling"][side] == pytest.approx(res["median"]["original"] / res["epochs_median"][side])
+        assert res["ceiling"][side] > res["ratios"][side]
+    printed = capsys.readouterr().out
+    assert "faster than the seed's script" in printed and "its epochs alone" in printed
     table = render_endtoend(res | {"runs": [res["run"]]}, "endtoend.json")
     assert "| cli warm | `python -m aimonk train --recipe original" in table
+    assert f"| cli warm | {res['epochs_median']['cli warm']:.1f} | {res['ceiling']['cli warm']:.2f}x |" in table
 
 
 def test_dispatch_lists_the_benchmarks(capsys):

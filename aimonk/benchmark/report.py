@@ -384,6 +384,11 @@ def render_endtoend(record: dict, source: str) -> str:
         ratio = f"{record['ratios'][side]:.2f}x" if side in record["ratios"] else ""
         lines.append(f"| {side} | `python {record['commands'][side]}` | {' / '.join(f'{t:.1f}' for t in times)} | "
                      f"{record['median'][side]:.1f} | {ratio} |")
+    if record.get("epochs_median"):  # recorded since the ceiling was added
+        lines += ["", "The ceiling: the CLI's training epochs alone (its checkpoint's `history`), against the seed's "
+                  "whole run; what the CLI would reach if start-up, decoding, validation, decisions and writing cost "
+                  "nothing.", "", "| side | epochs alone, s (median) | the seed's / epochs alone |", "|---|---|---|"]
+        lines += [f"| {side} | {t:.1f} | {record['ceiling'][side]:.2f}x |" for side, t in record["epochs_median"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -407,8 +412,9 @@ def _glance_rows(name: str, record: dict) -> list[str]:
     if record["benchmark"] == "endtoend":
         r, m = record["ratios"], record["median"]
         return [f"| training end to end, `python -m aimonk train --recipe {record['recipe']}` | `{record['data']}` | "
-                f"{r['cli cold']:.2f}x cold ({m['cli cold']:.0f} s), {r['cli warm']:.2f}x warm ({m['cli warm']:.0f} s) "
-                f"| the seed's script, {m['original']:.0f} s, in turns | {record['n_images']} images, "
+                f"{r['cli cold']:.2f}x cold ({m['cli cold']:.0f} s), {r['cli warm']:.2f}x warm ({m['cli warm']:.0f} s)"
+                + (f"; ceiling (its epochs alone) {record['ceiling']['cli warm']:.2f}x" if record.get("ceiling") else "")
+                + f" | the seed's script, {m['original']:.0f} s, in turns | {record['n_images']} images, "
                 f"{record['epochs']} epochs, {record['backbone']} | {link} |"]
     if record["benchmark"] == "quality":
         summary = quality_summary(record)
