@@ -415,7 +415,7 @@ def _glance_rows(name: str, record: dict) -> list[str]:
                 f"{r['cli cold']:.2f}x cold ({m['cli cold']:.0f} s), {r['cli warm']:.2f}x warm ({m['cli warm']:.0f} s)"
                 + (f"; ceiling (its epochs alone) {record['ceiling']['cli warm']:.2f}x" if record.get("ceiling") else "")
                 + f" | the seed's script, {m['original']:.0f} s, in turns | {record['n_images']} images, "
-                f"{record['epochs']} epochs, {record['backbone']} | {link} |"]
+                f"{record['epochs']} epochs, {record['backbone']}, {record['run']['machine']['cpu']} | {link} |"]
     if record["benchmark"] == "quality":
         summary = quality_summary(record)
         majority = next((s for s in summary if s["recipe"] == "majority"), None)
