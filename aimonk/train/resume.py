@@ -52,9 +52,9 @@ class StateWriter:
     """Writes each epoch's state (serialised at once, in the training thread) in a background thread, so
     that the write and its fsync overlap the next epoch instead of stalling it.
 
-    One write at a time: ``write`` first waits for the one before. ``wait`` returns once the last write is
-    on disk and raises its error; ``run_epochs`` calls it before leaving, on success or failure, so a
-    finished or failed run has its last state on disk, as with a write in line.
+    One write at a time: ``write`` first waits for the one before and raises its error. ``close`` does the
+    same for the last write; ``run_epochs`` calls it before leaving, on success or failure, so a finished or
+    failed run has its last state on disk, as with a write in line.
     """
 
     def __init__(self):

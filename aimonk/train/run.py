@@ -344,8 +344,8 @@ def tune_decisions(run: Run, model: nn.Module, val_scores: dict | None,
     """Per attribute, a threshold tuned on validation where the model beats chance and the majority rule
     there, else the majority rule (``metrics.choose_decisions``).
 
-    The probabilities are the saved model's on the validation images (``saved_probs``, from the epoch's
-    validation pass that scored those weights, where there was one), or the out-of-fold ones when the
+    The probabilities are the saved model's on the validation images (``saved_probs``: the epoch's validation
+    pass that scored those weights, in its precision, where there was one), or the out-of-fold ones when the
     saved model has seen them (the cross-fitted probe). An attribute training could not learn keeps its
     majority rule. Without validation images every learnable attribute gets ``DEFAULT_THRESHOLD``, with
     a warning.
