@@ -461,7 +461,8 @@ def _deployed_glance(record: dict, link: str) -> str:
     before = (f"; on torch {torch_row['ratios']['infer']:.2f}x, {torch_row['project']['latency_ms']:.0f} ms"
               if torch_row and torch_row is not choice else "")
     note = f"{record['n_images']} images, {record['backbone']}{' + probe' if record.get('probe') else ''}, " \
-           f"TTA {'on' if record['tta'] else 'off'}" + (" (**busy machine**)" if _busy(record) else "")
+           f"TTA {'on' if record['tta'] else 'off'}, {record['run']['machine']['cpu']}" + \
+           (" (**busy machine**)" if _busy(record) else "")
     return (f"| speed, trained model on runtime auto ({record['auto_choice']}) | `{record['data_dir']}` | from files "
             f"{r['infer']:.2f}x, model only {r['infer_model_only']:.2f}x, latency {p['latency_ms']:.1f} ms"
             f"{before} | the original ResNet18 loop, in turns | {note} | {link} |")
