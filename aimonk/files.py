@@ -132,9 +132,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     The object is serialised in memory first, so a failed write raises the ``OSError`` of the
     write itself (torch's own writer reports it as an untyped ``RuntimeError``).
     """
+    return atomic_write_bytes(path, torch_bytes(obj))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``obj`` as ``torch.save`` writes it, in memory: a snapshot that later changes to its tensors do not touch."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getbuffer())
+    return buffer.getvalue()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:

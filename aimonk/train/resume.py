@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from aimonk import distributed
-from aimonk.files import CheckpointError, atomic_write_bytes, safe_load
+from aimonk.files import CheckpointError, atomic_write_bytes, safe_load, torch_bytes
 from aimonk.train.config import TrainConfig
 from aimonk.train.loop import TrainingError
 
@@ -37,15 +35,13 @@ def resumable_config(cfg: TrainConfig) -> dict:
 def state_bytes(cfg: TrainConfig, epoch: int, history: dict, model: nn.Module, optimizer, scheduler, ema,
                 best_ap: float, best_state: dict | None) -> bytes:
     """The state after ``epoch`` epochs, serialised: a snapshot that later steps do not change."""
-    buffer = io.BytesIO()
-    torch.save({
+    return torch_bytes({
         "config": resumable_config(cfg), "epoch": epoch, "history": history,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
         "best_ap": best_ap, "best_state": best_state,
-    }, buffer)
-    return buffer.getvalue()
+    })
 
 
 class StateWriter:
