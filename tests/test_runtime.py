@@ -36,6 +36,23 @@ def test_measuring_times_every_candidate_and_leaves_the_random_state_alone():
     assert torch.equal(torch.rand(3), expected)  # a seeded run is the same whether or not auto measured
 
 
+def test_after_the_first_timed_round_only_the_faster_layout_of_each_precision_is_timed(monkeypatch):
+    steps = {FP32: 0.4, FP32_CL: 0.2, BF16: 0.1, BF16_CL: 0.3}  # seconds per step, each candidate's own
+    timed = []
+
+    def fake_step(model, x, precision, device, train):
+        e = Execution(precision, not x.is_contiguous())  # a channels_last input is not NCHW-contiguous
+        timed.append(e)
+        return steps[e]
+
+    monkeypatch.setattr(runtime, "_timed_step", fake_step)
+    rates = measure_executions("resnet18", "train", 32, 2, bf16=True)
+    # warm-up and first timed round: all four; then the two finalists, fp32 + channels_last and bf16
+    assert timed == [FP32, FP32_CL, BF16, BF16_CL] * 2 + [FP32_CL, BF16] * (runtime.PROBE_STEPS - 1)
+    assert rates == {e: pytest.approx(2 / s) for e, s in steps.items()}  # every candidate keeps its measured rate
+    assert pick_execution(rates) == BF16
+
+
 @pytest.fixture
 def counted(monkeypatch, tmp_path):
     """Measurements recorded (and faked: fp32 + channels_last fastest) with the cache in ``tmp_path``."""

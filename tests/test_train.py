@@ -579,7 +579,7 @@ def test_decisions_are_tuned_on_the_validation_pass_of_the_saved_weights_without
     real_validate = run_module.validate
     monkeypatch.setattr(run_module, "validate", lambda *a, **k: calls.append(1) or real_validate(*a, **k))
     cfg = tiny_config(sample_dir, tmp_path / "model.pth", tmp_path / "cache", epochs=3, val_fraction=0.4,
-                      keep_best=keep_best, image_size=48)
+                      keep_best=keep_best, image_size=48, batch_size=16)
     result = train(cfg)
     assert len(calls) == cfg.epochs  # once per epoch; the decisions add no pass of their own
     # The saved model, scored afresh on the validation images, gives the decisions it carries.
