@@ -161,3 +161,5 @@ def test_folds_run_in_separate_processes_are_merged_into_one_table(tmp_path):
     (tmp_path / "quality_x_fold2.json").unlink()
     text = report.render_quality(report.load_records(tmp_path)["quality_x.json"], "parts")
     assert "2 of 3 CV folds (unfinished)" in text
+    # a screening on fewer folds has its own file but no row in the glance, which quotes finished runs only
+    assert report.render_glance(report.load_records(tmp_path)).count("\n") == 2  # the header lines alone

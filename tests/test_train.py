@@ -497,6 +497,47 @@ def test_augmentations_keep_uint8_images_and_their_size():
         train_transform("mixup", 32)
 
 
+@pytest.mark.parametrize("augment", ["none", "flip", "crop", "trivial"])
+def test_each_augmentation_can_give_smaller_images_for_progressive_resizing(augment):
+    x = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    out = train_transform(augment, 32, out_size=20)(x)
+    assert out.shape == (3, 20, 20) and out.dtype == torch.uint8
+    if augment == "none":  # the whole image, only smaller
+        whole = torch.nn.functional.interpolate(x[None].float(), size=20, mode="bilinear", antialias=True)[0]
+        assert (out.float() - whole).abs().max() <= 1  # up to uint8 rounding
+
+
+def test_progressive_resizing_trains_the_first_epochs_on_smaller_images_and_validates_at_full_size(
+        tmp_path, sample_dir, monkeypatch):
+    import aimonk.train.run as run_module
+
+    trained_sizes, validated_sizes = [], []
+    real_epoch, real_validate = run_module.train_one_epoch, run_module.validate
+
+    def recording_epoch(model, loader, *args, **kwargs):  # the sizes of every batch of the epoch
+        seen = set()
+        wrapped = type("Loader", (), {"__len__": lambda self: len(loader),
+                                      "__iter__": lambda self: (seen.add(x.shape[-1]) or (x, y) for x, y in loader)})()
+        losses = real_epoch(model, wrapped, *args, **kwargs)
+        trained_sizes.append(seen)
+        return losses
+
+    def recording_validate(model, val_set, *args, **kwargs):
+        validated_sizes.append(val_set[0][0].shape[-1])
+        return real_validate(model, val_set, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_one_epoch", recording_epoch)
+    monkeypatch.setattr(run_module, "validate", recording_validate)
+    cfg = tiny_config(sample_dir, tmp_path / "model.pth", tmp_path / "cache", epochs=3, batch_size=16,
+                      augment="crop", progressive_epochs=2, progressive_size=24)
+    result = train(cfg)
+    assert trained_sizes == [{24}, {24}, {32}]
+    assert validated_sizes == [32, 32, 32] and result.meta.image_size == 32  # inference runs at image_size
+    with pytest.raises(ValueError, match="progressive_size must be between 0 and image_size"):
+        train(tiny_config(sample_dir, tmp_path / "m2.pth", tmp_path / "cache", progressive_epochs=1,
+                          progressive_size=32))
+
+
 def test_an_unwritable_output_folder_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

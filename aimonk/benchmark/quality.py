@@ -98,6 +98,10 @@ FROZEN_LR_RECIPE = {**PRETRAINED_RECIPE, "image_size": 224, "epochs": 0, "freeze
 (``train`` fits the head by ``linear_probe_head`` and trains no epoch)."""
 
 
+PROGRESSIVE_RECIPE = {**PRETRAINED_RECIPE, "progressive_epochs": 3, "progressive_size": 128}
+"""The default recipe with its first 3 of 6 epochs on 128 px crops (progressive resizing), a lever weighed."""
+
+
 TORCH = "torch"  # the trained models are scored in torch here; the exported runtimes in a process of their own
 RUNTIME_ROWS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))  # deployed runtimes scored
 
@@ -116,7 +120,8 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     digests = [file_digest(p) for p in index.paths]
     fold_rows = make_folds(index.table.targets, digests, folds, seed)
     names = np.asarray(index.table.names)
-    recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE, "pretrained_12ep": PRETRAINED_12EP_RECIPE}
+    recipes_cfg = {**RECIPES, "frozen_lr": FROZEN_LR_RECIPE, "pretrained_12ep": PRETRAINED_12EP_RECIPE,
+                   "pretrained_progressive": PROGRESSIVE_RECIPE}
     rows = []
     with contextlib.ExitStack() as stack:  # without a workdir the checkpoints are removed after the run
         work = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="aimonk-quality-")))
@@ -250,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="folder with labels.txt and images/")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds")
     p.add_argument("--recipes", default="original,pretrained,frozen_lr",
-                   help="comma-separated: original, pretrained, frozen_lr, pretrained_12ep (the previous default)")
+                   help="comma-separated: original, pretrained, frozen_lr, pretrained_12ep (the previous default), "
+                        "pretrained_progressive (the default with progressive resizing)")
     p.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs (smoke runs)")
     p.add_argument("--image-size", type=int, default=None, help="override every recipe's image size (smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="fold and training seed")

@@ -31,6 +31,9 @@ class TrainConfig:
     freeze_epochs: int = _field(0, "train only the head for this many epochs first")
     head_init: str = _field("random", '"random" or "linear_probe" (fit the head on frozen features first: LP-FT)')
     image_size: int = _field(224, "images are resized to image_size x image_size")
+    progressive_epochs: int = _field(0, "train the first N epochs on progressive_size px images, then image_size "
+                                        "(progressive resizing, fastai's small images first; validation stays at image_size)")
+    progressive_size: int = _field(128, "the image size of the first progressive_epochs epochs (below image_size)")
     backbone: str = _field("resnet18", '"resnet18", "efficientnet_lite0" (or _lite1, _lite2 with their weight package)')
     weights: str = _field("imagenet", '"imagenet", "none" (random init) or a path to a state dict')
     on_missing_weights: str = _field("warn", '"warn": random init + loud warning; "error": stop')

@@ -40,13 +40,18 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, device: to
 
 
 
-def train_transform(augment: str, image_size: int) -> v2.Transform | None:
-    """Augmentation applied to uint8 (3, S, S) tensors."""
+def train_transform(augment: str, image_size: int, out_size: int | None = None) -> v2.Transform | None:
+    """Augmentation applied to uint8 (3, S, S) tensors (S = ``image_size``), giving ``out_size`` px images
+    (default S; smaller for the first epochs of progressive resizing: the crop itself is resized to it)."""
+    out_size = out_size or image_size
+    if augment in ("none", "flip") and out_size != image_size:
+        resize = v2.Resize(out_size, antialias=True)
+        return resize if augment == "none" else v2.Compose([resize, v2.RandomHorizontalFlip()])
     if augment == "none":
         return None
     if augment == "flip":
         return v2.RandomHorizontalFlip()
-    crop = [v2.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    crop = [v2.RandomResizedCrop(out_size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
     if augment == "crop":
         return v2.Compose(crop)
     if augment == "trivial":  # Müller & Hutter, ICCV 2021: one random photometric/geometric op per image

@@ -71,6 +71,7 @@ class Run:
     train_idx: np.ndarray  # rows of index.table
     val_idx: np.ndarray
     train_set: ImageDataset  # augmented
+    train_small: ImageDataset | None  # augmented, at cfg.progressive_size px: the first cfg.progressive_epochs epochs
     train_plain: ImageDataset  # the same images without augmentation: what probes are fitted on
     val_set: ImageDataset
     pos_weight: torch.Tensor
@@ -184,6 +185,9 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
     spec = BACKBONES.get(cfg.backbone)
     if spec is None:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    if cfg.progressive_epochs > 0 and not 0 < cfg.progressive_size < cfg.image_size:
+        raise ValueError(f"progressive_size must be between 0 and image_size ({cfg.image_size}), "
+                         f"got {cfg.progressive_size}")
     if cfg.head_init not in ("random", "linear_probe"):
         raise ValueError(f"head_init must be random or linear_probe, got {cfg.head_init!r}")
     if cfg.probe_ensemble:
@@ -212,6 +216,8 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
         model = model.to(memory_format=torch.channels_last)
     criterion = MaskedBCEWithLogitsLoss(pos_weight, cfg.loss_normalization).to(device)
     train_set = ImageDataset(Subset(cache, train_idx), train_targets, train_transform(cfg.augment, cfg.image_size))
+    train_small = None if cfg.progressive_epochs <= 0 else ImageDataset(
+        Subset(cache, train_idx), train_targets, train_transform(cfg.augment, cfg.image_size, cfg.progressive_size))
     train_plain = ImageDataset(Subset(cache, train_idx), train_targets)
     val_set = ImageDataset(Subset(cache, val_idx), index.table.targets[val_idx])
     if cfg.head_init == "linear_probe" and not (cfg.resume and resume_path(out).is_file()):
@@ -235,7 +241,7 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
         def reduce_loss(loss, y):  # each process's mean loss, weighted into the global batch's
             return distributed.global_mean_loss(loss, criterion.normalizer(y))
     return Run(cfg, device, execution.precision, execution.channels_last, spec, index, cache, train_idx, val_idx,
-               train_set, train_plain, val_set,
+               train_set, train_small, train_plain, val_set,
                pos_weight, decisions, model, criterion, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
                scaler, ema, batch_size, drop_last, steps_per_epoch, reduce_loss)
 
@@ -278,8 +284,9 @@ def run_epochs(run: Run) -> tuple[dict, dict | None, np.ndarray | None]:
             set_seed(seed)  # per-epoch seeding makes a resumed run replay exactly
             set_backbone_trainable(run.model, epoch >= cfg.freeze_epochs)
             sampler.set_epoch(epoch)
+            small = run.train_small is not None and epoch < cfg.progressive_epochs
             loader = torch.utils.data.DataLoader(
-                run.train_set, batch_size=run.batch_size, sampler=sampler, drop_last=run.drop_last,
+                run.train_small if small else run.train_set, batch_size=run.batch_size, sampler=sampler, drop_last=run.drop_last,
                 generator=torch.Generator().manual_seed(seed), num_workers=cfg.num_workers,  # the generator seeds workers
                 pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
             t0 = time.perf_counter()
