@@ -182,16 +182,7 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
             check_writable(Path(cfg.loss_plot))
     batch_size = distributed.per_rank_batch(cfg.batch_size)
     set_seed(cfg.seed)
-    spec = BACKBONES.get(cfg.backbone)
-    if spec is None:
-        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
-    if cfg.progressive_epochs > 0 and not 0 < cfg.progressive_size < cfg.image_size:
-        raise ValueError(f"progressive_size must be between 0 and image_size ({cfg.image_size}), "
-                         f"got {cfg.progressive_size}")
-    if cfg.head_init not in ("random", "linear_probe"):
-        raise ValueError(f"head_init must be random or linear_probe, got {cfg.head_init!r}")
-    if cfg.probe_ensemble:
-        probe_backbone_list(cfg.backbone, cfg.probe_backbones)  # refuse a misspelt name before training, not after
+    spec = check_settings(cfg)
 
     with distributed.local_main_first():  # one process per machine fills the decoded-image cache
         index, cache, train_idx, val_idx = prepare_data(cfg, names)
@@ -246,6 +237,21 @@ def setup(cfg: TrainConfig, names: Sequence[str] | None, device: torch.device) -
                scaler, ema, batch_size, drop_last, steps_per_epoch, reduce_loss)
 
 
+def check_settings(cfg: TrainConfig) -> BackboneSpec:
+    """Refuse settings that cannot train, before any data is read; returns the backbone's spec."""
+    spec = BACKBONES.get(cfg.backbone)
+    if spec is None:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose one of {sorted(BACKBONES)}")
+    if cfg.progressive_epochs > 0 and not 0 < cfg.progressive_size < cfg.image_size:
+        raise ValueError(f"progressive_size must be between 0 and image_size ({cfg.image_size}), "
+                         f"got {cfg.progressive_size}")
+    if cfg.head_init not in ("random", "linear_probe"):
+        raise ValueError(f"head_init must be random or linear_probe, got {cfg.head_init!r}")
+    if cfg.probe_ensemble:
+        probe_backbone_list(cfg.backbone, cfg.probe_backbones)  # refuse a misspelt name before training, not after
+    return spec
+
+
 def run_epochs(run: Run) -> tuple[dict, dict | None, np.ndarray | None]:
     """Train from the first (or the resumed) epoch to ``cfg.epochs``.
 
@@ -284,13 +290,8 @@ def run_epochs(run: Run) -> tuple[dict, dict | None, np.ndarray | None]:
             set_seed(seed)  # per-epoch seeding makes a resumed run replay exactly
             set_backbone_trainable(run.model, epoch >= cfg.freeze_epochs)
             sampler.set_epoch(epoch)
-            small = run.train_small is not None and epoch < cfg.progressive_epochs
-            loader = torch.utils.data.DataLoader(
-                run.train_small if small else run.train_set, batch_size=run.batch_size, sampler=sampler, drop_last=run.drop_last,
-                generator=torch.Generator().manual_seed(seed), num_workers=cfg.num_workers,  # the generator seeds workers
-                pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
             t0 = time.perf_counter()
-            losses = _train_epoch(run, trained, loader, epoch, state_file)
+            losses = _train_epoch(run, trained, epoch_loader(run, sampler, epoch, seed), epoch, state_file)
             history["loss"].extend(losses)
             history["epoch_loss"].append(float(np.mean(losses)))
             history["epoch_seconds"].append(time.perf_counter() - t0)
@@ -310,6 +311,16 @@ def run_epochs(run: Run) -> tuple[dict, dict | None, np.ndarray | None]:
         if writer is not None:
             writer.close()  # the last state is on disk before training reports success or failure
     return history, best_state, best_probs if cfg.keep_best and best_state is not None else last_probs
+
+
+def epoch_loader(run: Run, sampler, epoch: int, seed: int) -> torch.utils.data.DataLoader:
+    """The training images of ``epoch`` in the sampler's order: smaller ones in the first epochs of progressive resizing."""
+    cfg = run.cfg
+    small = run.train_small is not None and epoch < cfg.progressive_epochs
+    return torch.utils.data.DataLoader(
+        run.train_small if small else run.train_set, batch_size=run.batch_size, sampler=sampler,
+        drop_last=run.drop_last, generator=torch.Generator().manual_seed(seed),  # the generator seeds workers
+        num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
 
 
 def _train_epoch(run: Run, trained: nn.Module, loader, epoch: int, state_file: Path) -> list[float]:
