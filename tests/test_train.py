@@ -514,12 +514,22 @@ def test_progressive_resizing_trains_the_first_epochs_on_smaller_images_and_vali
     trained_sizes, validated_sizes = [], []
     real_epoch, real_validate = run_module.train_one_epoch, run_module.validate
 
-    def recording_epoch(model, loader, *args, **kwargs):  # the sizes of every batch of the epoch
-        seen = set()
-        wrapped = type("Loader", (), {"__len__": lambda self: len(loader),
-                                      "__iter__": lambda self: (seen.add(x.shape[-1]) or (x, y) for x, y in loader)})()
-        losses = real_epoch(model, wrapped, *args, **kwargs)
-        trained_sizes.append(seen)
+    class SizesSeen:  # the loader as it is, noting the size of every batch
+        def __init__(self, loader):
+            self.loader, self.sizes = loader, set()
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for x, y in self.loader:
+                self.sizes.add(x.shape[-1])
+                yield x, y
+
+    def recording_epoch(model, loader, *args, **kwargs):
+        seen = SizesSeen(loader)
+        losses = real_epoch(model, seen, *args, **kwargs)
+        trained_sizes.append(seen.sizes)
         return losses
 
     def recording_validate(model, val_set, *args, **kwargs):
