@@ -54,7 +54,8 @@ class OnnxRuntimeSession:
 class OpenVinoSession:
     """An OpenVINO CPU model compiled from an artifact, in f32 by default (no bf16 downcast), so it keeps
     parity with torch; with ``precision="bf16"`` OpenVINO computes in bf16 where the CPU has it (asked for
-    explicitly, or taken by runtime auto where the checkpoint's validation images verify it).
+    explicitly, or taken by runtime auto where the checkpoint's validation images verify it). On a CPU
+    without bf16, OpenVINO compiles such a request in f32: ``precision`` is what the compiled model reports.
 
     Args:
         artifact: a verified exported model.
@@ -67,12 +68,12 @@ class OpenVinoSession:
     def __init__(self, artifact: Artifact, threads: int = 0, precision: str = "fp32"):
         import openvino as ov
 
-        self.precision = precision
         core = ov.Core()
         settings = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY",
                     **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         model = core.read_model(str(artifact.path)) if is_ir(artifact.path) else core.read_model(artifact.data)
         self.compiled = core.compile_model(model, "CPU", settings)
+        self.precision = "bf16" if self.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
         self.request = self.compiled.create_infer_request()
 
     def run(self, images: np.ndarray) -> np.ndarray:

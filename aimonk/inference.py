@@ -233,7 +233,8 @@ class Predictor:
         runtime: ``None`` (``default_runtime()``: ``$AIMONK_RUNTIME``, else ``"auto"``), ``"torch"``
             (the reference), ``"onnxruntime"``, ``"openvino"``, or ``"auto"``: the
             fastest installed runtime whose probabilities match torch fp32 on ``PARITY_IMAGES``
-            images (within ``PARITY_TOLERANCE``, no decision flip; OpenVINO in bf16 is never chosen: on the
+            images (within ``PARITY_TOLERANCE``, no decision flip; OpenVINO in bf16 only on a CPU that offers
+            it, and only where the checkpoint's validation images verify it, ``BF16_AP_TOLERANCE``: on the
             clipart folds it cost up to 0.006 held-out AP); the choice is measured once per
             checkpoint and machine, cached, and printed once to stderr. A checkpoint is exported to
             ONNX on first use for the ONNX runtimes (cached under ``config.CACHE_DIR``).
@@ -328,7 +329,10 @@ class Predictor:
                 return
         name, precision = choice
         self.session, self.runtime = open_session(name, art, precision=precision), name
-        self.precision, self.channels_last = precision, False
+        self.precision, self.channels_last = getattr(self.session, "precision", precision), False
+        if self.precision != precision:
+            warnings.warn(f"{self.path}: {name} computes in {self.precision} on this CPU, not {precision}: "
+                          f"it offers no {precision}", stacklevel=3)
 
     def _cached_export(self, sha: str) -> Artifact:
         """This checkpoint's ONNX export from the cache, exported now if it is absent or unusable."""
@@ -376,6 +380,8 @@ class Predictor:
         """OpenVINO bf16 against fp32 (``fp32``: a session verified against torch, else torch itself) on the
         checkpoint's validation images: ``{"verified", "images", "macro_ap_change", "max_abs_diff",
         "decision_flips"[, "reason"]}``."""
+        if bf16.precision != "bf16":
+            return {"verified": False, "images": 0, "reason": "this CPU offers no bf16: OpenVINO computes in f32"}
         val = validation_images(self.meta)
         if isinstance(val, str):
             return {"verified": False, "images": 0, "reason": val}

@@ -175,7 +175,8 @@ def test_runtime_auto_picks_a_verified_runtime_and_says_so_once(checkpoint, samp
     assert re.search(rf"runtime auto: {chosen}; against torch fp32 on \d+ images: onnxruntime fp32 max \|dp\| "
                      r"\S+, 0 flips", err), err
     if "openvino" in installed_runtimes():  # bf16 is judged on validation images only: the sample has too few
-        assert re.search(r"openvino bf16 not verified \(\d+ validation images recorded, 100 needed\)", err), err
+        why = r"\d+ validation images recorded, 100 needed" if openvino_offers_bf16() else "this CPU offers no bf16"
+        assert re.search(rf"openvino bf16 not verified \({why}", err), err
     assert first.runtime in ("torch", "onnxruntime", "openvino")
     entries = json.loads((config.CACHE_DIR / "runtime.json").read_text())
     entry = next(e for key, e in entries.items() if str(file_sha256(checkpoint)) in key)
@@ -200,6 +201,7 @@ def test_runtime_auto_takes_openvino_bf16_only_where_validation_images_verify_it
     monkeypatch.setattr(inference, "BF16_FLIP_SHARE", 1.0)
     fast = lambda run, images, steps=2: 1e6 if getattr(getattr(run, "__self__", None), "precision", "") == "bf16" else 1.0
     monkeypatch.setattr(inference, "_rate", fast)  # bf16 the fastest, so only the verification decides
+    monkeypatch.setattr(inference, "open_session", offering_bf16(True))  # on any CPU, one with bf16 or not
     predictor = Predictor(checkpoint, runtime="auto")
     err = capsys.readouterr().err
     n_val = len(predictor.meta.split["val"])
@@ -225,11 +227,60 @@ def test_auto_is_the_default_runtime_and_the_environment_can_change_it(checkpoin
         Predictor(checkpoint)
 
 
+def openvino_offers_bf16() -> bool:
+    """Whether OpenVINO computes in bf16 on this CPU, by its own list of capabilities."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def offering_bf16(offered: bool):
+    """``open_session`` as on a CPU that offers bf16 (``offered``) or not, whichever CPU runs the test: the
+    session reports the precision OpenVINO would compile a bf16 request in there."""
+    from aimonk import backends
+
+    def open_session(runtime, artifact, threads=0, precision="fp32"):
+        session = backends.open_session(runtime, artifact, threads, precision)
+        if runtime == "openvino":
+            session.precision = precision if offered else "fp32"
+        return session
+
+    return open_session
+
+
+def test_on_a_cpu_without_bf16_openvino_bf16_is_never_chosen_nor_named(checkpoint, sample_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    pytest.importorskip("openvino")
+    from aimonk import inference
+    from aimonk.benchmark.deployed import deployed_predictor
+
+    monkeypatch.setattr(config, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(inference, "_reported_runtimes", set())
+    monkeypatch.setattr(inference, "BF16_MIN_IMAGES", 10)
+    monkeypatch.setattr(inference, "open_session", offering_bf16(False))
+    monkeypatch.setattr(inference, "validation_images", lambda meta: pytest.fail("validation images scored"))
+    fast = lambda run, images, steps=2: 1e6 if getattr(run, "__qualname__", "").startswith("OpenVinoSession") else 1.0
+    monkeypatch.setattr(inference, "_rate", fast)  # OpenVINO the fastest: the bf16 check alone keeps it off
+    predictor = Predictor(checkpoint, runtime="auto")
+    err = capsys.readouterr().err
+    assert "openvino bf16 not verified (this CPU offers no bf16: OpenVINO computes in f32)" in err, err
+    assert (predictor.runtime, predictor.precision) == ("openvino", "fp32")
+    with pytest.warns(UserWarning, match=r"model\.pth: openvino computes in fp32 on this CPU, not bf16"):
+        asked = Predictor(checkpoint, runtime="openvino", precision="bf16")
+    assert asked.precision == "fp32"  # what runs, not what was asked
+    why = deployed_predictor(checkpoint, "openvino", "bf16", sample_dir, tmp_path)
+    assert why == "this CPU offers no bf16: openvino computes in fp32"
+
+
 def test_openvino_runs_an_fp32_export_in_bf16_only_when_asked(checkpoint, sample_dir):
     pytest.importorskip("openvino")
     images = sample_images(sample_dir, 32, 8)
-    bf16 = Predictor(checkpoint, runtime="openvino", precision="bf16")
-    assert (bf16.runtime, bf16.precision) == ("openvino", "bf16")
+    offered = openvino_offers_bf16()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bf16 = Predictor(checkpoint, runtime="openvino", precision="bf16")
+    assert (bf16.runtime, bf16.precision) == ("openvino", "bf16" if offered else "fp32")  # OpenVINO's own report
+    assert bool(caught) != offered  # a CPU without bf16 is said, once
     probs = bf16.probabilities(images)
     assert probs.shape == (8, len(bf16.attributes)) and np.isfinite(probs).all()
     with pytest.raises(ValueError, match="openvino in bf16 too"):
@@ -519,7 +570,9 @@ def test_speed_benchmark_measures_a_checkpoint_on_every_runtime_against_the_orig
     assert record["benchmark"] == "deployed" and record["n_images"] == 8
     labels = set(record["variants"])
     assert {label.split()[0] for label in labels} == {"torch", *installed_runtimes()}
-    assert record["auto_choice"] in labels and "openvino bf16" in labels  # bf16: measured, never chosen by auto
+    assert record["auto_choice"] in labels  # bf16: measured where the CPU offers it, never chosen by auto here
+    assert "openvino bf16" in labels if openvino_offers_bf16() else \
+        record["skipped"]["openvino bf16"] == "this CPU offers no bf16: openvino computes in fp32"
     assert {f"{r} int8" for r in installed_runtimes()} <= labels  # the int8 export, calibrated on training images
     assert "torch int8" in labels or "int8" in record["skipped"]["torch int8"]  # torch int8 where the model allows
     for label, v in record["variants"].items():

@@ -27,6 +27,7 @@ import functools
 import gc
 import statistics
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -55,16 +56,21 @@ def deployed_predictor(model_path: str | Path, runtime: str, precision: str, dat
 
     int8 on an ONNX runtime is the checkpoint's int8 export (``export_model``, calibrated on its training
     images in ``data_dir``), written once into ``workdir``; int8 on torch is the checkpoint's own
-    calibration (``aimonk.int8``), where its backbone supports it.
+    calibration (``aimonk.int8``), where its backbone supports it. OpenVINO in bf16 on a CPU that offers
+    no bf16 (it computes in f32 there) cannot run so either.
     """
     if precision == "int8" and runtime != "torch":
         return Predictor(int8_export(model_path, data_dir, workdir), runtime=runtime)
     try:
-        return Predictor(model_path, device="cpu", runtime=runtime, precision=precision)
+        with warnings.catch_warnings(record=True):  # a precision the CPU lacks: said in the returned reason
+            predictor = Predictor(model_path, device="cpu", runtime=runtime, precision=precision)
     except ValueError as e:  # torch int8 refused, saying why (e.g. a probe ensemble, no calibration)
         if precision != "int8":
             raise
         return str(e).split(": ", 1)[-1]
+    if precision != "auto" and predictor.precision != precision:
+        return f"this CPU offers no {precision}: {runtime} computes in {predictor.precision}"
+    return predictor
 
 
 def int8_export(model_path: str | Path, data_dir: str | Path, workdir: Path) -> Path:

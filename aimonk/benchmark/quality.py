@@ -224,6 +224,9 @@ def _runtime_rows(runtimes, recipe: str, k: int, checkpoint: str, data_dir: str,
         targets, p_fp32, scored = pool.apply(_score_on_runtimes, (wanted, str(checkpoint), str(data_dir), test_names))
     rows = []
     for (runtime, precision), probs in zip(wanted, scored):
+        if isinstance(probs, str):
+            print(f"{recipe} on {runtime} {precision}, fold {k}: skipped, {probs}")
+            continue
         flips = apply_decisions(probs, *decisions) != apply_decisions(p_fp32, *decisions)
         rows.append({"recipe": f"{recipe} on {runtime} {precision}", "fold": k, "minutes": 0.0,
                      **fold_scores(targets, probs, *decisions),
@@ -233,12 +236,16 @@ def _runtime_rows(runtimes, recipe: str, k: int, checkpoint: str, data_dir: str,
 
 
 def _score_on_runtimes(wanted, checkpoint: str, data_dir: str, test_names: list[str]):
-    """Targets, torch fp32 probabilities and one probability array per (runtime, precision) on the named images."""
+    """Targets, torch fp32 probabilities and one probability array per (runtime, precision) on the named images
+    (or why that pair cannot run here)."""
     targets, p_fp32, _, _ = score_folder(Predictor(checkpoint, device="cpu", precision="fp32", runtime=TORCH), data_dir,
                                          names=test_names)
+    scored = []
     with tempfile.TemporaryDirectory(prefix="aimonk-quality-int8-") as tmp:  # int8 exports, calibrated on training
-        scored = [score_folder(deployed_predictor(checkpoint, runtime, precision, data_dir, Path(tmp)), data_dir,
-                               names=test_names)[1] for runtime, precision in wanted]
+        for runtime, precision in wanted:
+            predictor = deployed_predictor(checkpoint, runtime, precision, data_dir, Path(tmp))
+            scored.append(predictor if isinstance(predictor, str) else
+                          score_folder(predictor, data_dir, names=test_names)[1])
     return targets, p_fp32, scored
 
 
