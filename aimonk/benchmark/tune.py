@@ -136,7 +136,8 @@ class _Tuning:
         times = race(runs, self.cfg.tune_rounds, self.device)
         res = {name[c]: {"train": steady_rate(times[("train", c)], len(self.train_set)),
                          "infer": steady_rate(times[("infer", c)], len(self.plain))} for c in combos}
-        auto = resolve_precision("auto", self.device, self.cfg.backbone)
+        auto = resolve_precision("auto", self.device, self.cfg.backbone, mode="train", image_size=self.cfg.image_size,
+                                 batch_size=self.cfg.batch_size)  # measured at the setting of the table above
         best = {kind: max(res, key=lambda k: res[k][kind]) for kind in ("train", "infer")}
         base = res["fp32 NCHW"]
         self.log(f"precision x memory format ({self.cfg.backbone}; model only, cached inputs):")
