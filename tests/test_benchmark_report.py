@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from aimonk.benchmark import report
 
@@ -36,6 +37,13 @@ def test_run_info_describes_the_run():
     assert info["machine"]["cores"] >= 1 and info["machine"]["cpu"]
     assert info["versions"]["aimonk"] and info["versions"]["torch"]
     json.dumps(info)  # JSON-ready
+    # One model name ("AMD EPYC") covers CPUs with and without bf16: the tables say which one ran.
+    machine = info["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
+    bf16 = "bf16" if machine["native_bf16"] else "no bf16"
+    assert report.cpu_text(machine) == f"{machine['cpu']} ({machine['cpu_capability']}, {bf16})"
+    older = {k: v for k, v in machine.items() if k not in ("cpu_capability", "native_bf16")}
+    assert report.cpu_text(older) == machine["cpu"]  # a run recorded before these fields
 
 
 def _quality_record(auc: float, chance: float = 0.5) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aimonk
 from aimonk.files import atomic_write_text
-from aimonk.runtime import cpu_model
+from aimonk.runtime import cpu_model, cpu_supports_bf16
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "reports" / "benchmarks"
 """Where the committed benchmark JSON files live."""
@@ -66,7 +66,8 @@ def run_info(benchmark: str, argv: list[str]) -> dict:
     """
     import torch
 
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    machine = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "native_bf16": cpu_supports_bf16(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "system": f"{platform.system()} {platform.release()}",
                "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
@@ -127,6 +128,14 @@ def _describe_run(run: dict) -> str:
     return f"`{run['command']}` ({', '.join(about)})"
 
 
+def cpu_text(machine: dict) -> str:
+    """The CPU by name, with its vector extension and native bf16 where the run recorded them (one model name
+    covers CPUs with and without bf16)."""
+    if "cpu_capability" not in machine:
+        return machine["cpu"]
+    return f"{machine['cpu']} ({machine['cpu_capability']}, {'bf16' if machine['native_bf16'] else 'no bf16'})"
+
+
 def _run_lines(record: dict) -> list[str]:
     runs = record.get("runs") or [record["run"]]
     if len(runs) == 1:
@@ -136,7 +145,7 @@ def _run_lines(record: dict) -> list[str]:
     machines, versions = {}, {}  # distinct descriptions, in order (dicts as ordered sets)
     for run in runs:
         m, v = run["machine"], run["versions"]
-        machines[f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+        machines[f"{cpu_text(m)}, {m['cores']} cores ({m['torch_threads']} torch threads)"
                  + (f", {m['gpu']}" if m.get("gpu") else "")] = None
         versions[f"Python {v['python']}, torch {v['torch']}, torchvision {v['torchvision']}, "
                  f"aimonk {v['aimonk']} at commit `{v['git_commit']}`"] = None
@@ -415,7 +424,7 @@ def _glance_rows(name: str, record: dict) -> list[str]:
                 f"{r['cli cold']:.2f}x cold ({m['cli cold']:.0f} s), {r['cli warm']:.2f}x warm ({m['cli warm']:.0f} s)"
                 + (f"; ceiling (its epochs alone) {record['ceiling']['cli warm']:.2f}x" if record.get("ceiling") else "")
                 + f" | the seed's script, {m['original']:.0f} s, in turns | {record['n_images']} images, "
-                f"{record['epochs']} epochs, {record['backbone']}, {record['run']['machine']['cpu']} | {link} |"]
+                f"{record['epochs']} epochs, {record['backbone']}, {cpu_text(record['run']['machine'])} | {link} |"]
     if record["benchmark"] == "quality":
         if len({row["fold"] for row in record["rows"]}) < record["folds"]:
             return []  # a screening on fewer folds than the CV asks: in its own file, not a headline figure
@@ -463,7 +472,7 @@ def _deployed_glance(record: dict, link: str) -> str:
     before = (f"; on torch {torch_row['ratios']['infer']:.2f}x, {torch_row['project']['latency_ms']:.0f} ms"
               if torch_row and torch_row is not choice else "")
     note = f"{record['n_images']} images, {record['backbone']}{' + probe' if record.get('probe') else ''}, " \
-           f"TTA {'on' if record['tta'] else 'off'}, {record['run']['machine']['cpu']}" + \
+           f"TTA {'on' if record['tta'] else 'off'}, {cpu_text(record['run']['machine'])}" + \
            (" (**busy machine**)" if _busy(record) else "")
     return (f"| speed, trained model on runtime auto ({record['auto_choice']}) | `{record['data_dir']}` | from files "
             f"{r['infer']:.2f}x, model only {r['infer_model_only']:.2f}x, latency {p['latency_ms']:.1f} ms"
