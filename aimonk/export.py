@@ -213,7 +213,7 @@ def measure_parity(checkpoint: Path, files: dict[str, Path], images: torch.Tenso
     Returns:
         ``{"onnxruntime fp32": {"images", "max_abs_diff", "decision_flips", "decisions", "seconds"}, ...}``.
     """
-    reference_predictor = Predictor(checkpoint, device="cpu", precision="fp32")
+    reference_predictor = Predictor(checkpoint, device="cpu", precision="fp32", runtime="torch")  # the reference
     reference = reference_predictor.probabilities(images)
     meta, out = reference_predictor.meta, {}
     for precision, path in files.items():

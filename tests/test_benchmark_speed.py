@@ -18,9 +18,21 @@ def _positive(x) -> bool:
 
 
 @pytest.mark.slow
-def test_speed_benchmark_prints_and_returns_positive_figures(sample_dir, tmp_path, capsys):
+def test_speed_benchmark_prints_and_returns_positive_figures(sample_dir, tmp_path, capsys, monkeypatch):
+    from aimonk.benchmark import speed
+
+    made = []  # the benchmark's predictors: the project loop is torch's, whatever a user's default runtime
+
+    class Recorded(speed.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(speed, "Predictor", Recorded)
+    monkeypatch.setenv("AIMONK_RUNTIME", "auto")  # a user's default (the tests' default is torch)
     out = tmp_path / "speed.json"
     assert benchmark_main(["speed", "--data", str(sample_dir), *SMALL, "--json", str(out)]) == 0
+    assert made and all(p.runtime == "torch" for p in made)
     printed = capsys.readouterr().out
     for row in ("training, first epoch", "training, steady state", "inference from files", "single-image latency",
                 "peak RSS", "share of the bf16 peak", "project/original", "Reference peak"):

@@ -144,6 +144,24 @@ def test_an_export_that_does_not_match_torch_is_refused_and_not_written(checkpoi
     assert not out.exists() and not (tmp_path / "MODEL_CARD.md").exists()
 
 
+def test_export_parity_is_against_torch_whatever_the_default_runtime(checkpoint, exported, sample_dir, monkeypatch):
+    import aimonk.export as export
+
+    made = []
+
+    class Recorded(export.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(export, "Predictor", Recorded)
+    monkeypatch.setenv("AIMONK_RUNTIME", "auto")  # a user's default: the fastest verified runtime
+    figures = export.measure_parity(checkpoint, {"fp32": exported.path}, sample_images(sample_dir, 32, 4))
+    reference = made[0]
+    assert (reference.path, reference.runtime, reference.precision) == (checkpoint, "torch", "fp32")
+    assert set(figures) == {f"{r} fp32" for r in installed_runtimes()}
+
+
 @pytest.mark.parametrize("runtime", RUNTIME_PARAMS)
 def test_a_checkpoint_runs_on_an_onnx_runtime_through_an_export_made_on_first_use(checkpoint, sample_dir, runtime):
     images = sample_images(sample_dir, 32)

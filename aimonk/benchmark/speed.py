@@ -179,7 +179,7 @@ def _compare_loops(cfg: SpeedConfig, device: torch.device, precision: str, spec:
     ok_paths = [paths[i] for i in ok]
     ckpt = _save_project_model(proj_model, cfg, spec, targets.shape[1], tmp / "model.pth")
     with rss.phase("project"):
-        predictor = Predictor(ckpt, device=str(device), precision=cfg.precision)
+        predictor = Predictor(ckpt, device=str(device), precision=cfg.precision, runtime="torch")  # the torch loop
     c.inference(predictor, orig_model, ok_paths, cache, ok, targets, c.orig, c.proj)
     c.latency(predictor, orig_model, ok_paths[0], c.orig, c.proj)
     if _int8_applies(cfg, device) and predictor.precision != "int8":
