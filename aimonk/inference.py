@@ -40,7 +40,7 @@ from aimonk.data import ImageLoadError, ImageSource, decode_uint8, index_dataset
 from aimonk.files import atomic_write_text, file_sha256
 from aimonk.metrics import apply_decisions, macro_average_precision
 from aimonk.model import head_module
-from aimonk.runtime import autocast, choose_execution, cpu_model, select_device
+from aimonk.runtime import autocast, choose_execution, cpu_identity, select_device
 
 
 @dataclass
@@ -520,7 +520,7 @@ def _report_once(key: str, line: str) -> None:
 
 def _runtime_key(sha: str, precision: str, bf16_allowed: bool = False) -> str:
     versions = " ".join(f"{m} {_version(m)}" for m in ("torch", "onnxruntime", "openvino"))
-    return (f"{sha} | {cpu_model()} | {torch.get_num_threads()} threads | torch {precision}"
+    return (f"{sha} | {cpu_identity()} | {torch.get_num_threads()} threads | torch {precision}"
             f"{' | bf16 if verified' if bf16_allowed else ''} | {versions} | aimonk {__version__}")
 
 

@@ -77,7 +77,7 @@ def choose_execution(precision: str, device: torch.device, backbone: str, channe
     ``batch_size`` x ``image_size`` in fp32 and bf16, each with channels_last on and off, and the
     fastest wins; bf16 only if it beats the best fp32 layout by ``BF16_MARGIN``, and for inference only
     for backbones whose ``BackboneSpec.cpu_bf16_infer`` allows it (training measures bf16 for every
-    backbone). The result is cached per CPU model, torch version, thread count, backbone, mode, size,
+    backbone). The result is cached per CPU (``cpu_identity``), torch version, thread count, backbone, mode, size,
     batch and the precisions measured, and printed once per process.
     """
     if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -96,7 +96,7 @@ def choose_execution(precision: str, device: torch.device, backbone: str, channe
 def _measured_choice(backbone: str, mode: str, image_size: int, batch_size: int) -> Execution:
     """The CPU choice for this setting, from the cache or measured now (and cached)."""
     bf16 = cpu_supports_bf16() and (mode == "train" or BACKBONES[backbone].cpu_bf16_infer)
-    key = (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {backbone} | {mode} | "
+    key = (f"{cpu_identity()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {backbone} | {mode} | "
            f"{image_size} px | batch {batch_size} | {'fp32, bf16' if bf16 else 'fp32'}")
     cache = config.CACHE_DIR / PRECISION_CACHE_NAME
     known = _read_cache(cache)
@@ -197,6 +197,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_identity() -> str:
+    """The CPU that measured choices are cached for: its model name, vector extension and native bf16 (one
+    model name, e.g. "AMD EPYC", covers CPUs with and without bf16, whose fastest settings differ)."""
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}{', bf16' if cpu_supports_bf16() else ''})"
 
 
 def autocast(device: torch.device, precision: str):
