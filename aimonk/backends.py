@@ -45,6 +45,7 @@ class OnnxRuntimeSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(artifact.data, options, providers=["CPUExecutionProvider"])
+        self.precision = artifact.precision  # what it computes in: the export's precision
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (B, n_attributes) of a uint8 batch (B, 3, S, S)."""
@@ -73,7 +74,8 @@ class OpenVinoSession:
                     **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         model = core.read_model(str(artifact.path)) if is_ir(artifact.path) else core.read_model(artifact.data)
         self.compiled = core.compile_model(model, "CPU", settings)
-        self.precision = "bf16" if self.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16 else "fp32"
+        bf16 = self.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16  # what OpenVINO compiled
+        self.precision = "bf16" if bf16 and artifact.precision == "fp32" else artifact.precision
         self.request = self.compiled.create_infer_request()
 
     def run(self, images: np.ndarray) -> np.ndarray:

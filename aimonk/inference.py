@@ -329,7 +329,7 @@ class Predictor:
                 return
         name, precision = choice
         self.session, self.runtime = open_session(name, art, precision=precision), name
-        self.precision, self.channels_last = getattr(self.session, "precision", precision), False
+        self.precision, self.channels_last = self.session.precision, False
         if self.precision != precision:
             warnings.warn(f"{self.path}: {name} computes in {self.precision} on this CPU, not {precision}: "
                           f"it offers no {precision}", stacklevel=3)
