@@ -443,11 +443,13 @@ def _glance_rows(name: str, record: dict) -> list[str]:
             if ratio:
                 took += f" ({ratio[2]:.2f}x `{PREVIOUS_RECIPE}`'s {ratio[1]:.1f} min, in turns)"
             epochs = f" ({s['epochs'][0]} epochs)" if len(s["epochs"]) == 1 else ""  # told apart from older runs
+            machine = (record.get("runs") or [record["run"]])[0]["machine"]
+            setup = f"{verdict}; timed on {cpu_text(machine)}" if took else verdict  # minutes depend on the CPU
             rows.append(
                 f"| quality, `{s['recipe']}`{epochs}, {_folds_scored(record)} | `{record['data']}` | "
                 f"AP {_pm(*st['macro_ap'], s['folds'])}, AUC {_pm(*st['macro_auc'], s['folds'])}, "
                 f"F1 {st['macro_f1_tuned'][0]:.3f}{took} | {against}; chance AUC "
-                f"{st['chance_auc'][0]:.3f} | {verdict} | {link} |")
+                f"{st['chance_auc'][0]:.3f} | {setup} | {link} |")
         return rows
     p = record["project"]
     figures = [f"training {_ratio(record, 'train_steady'):.2f}x ({p['train_steady']:.1f} img/s)",
