@@ -101,12 +101,12 @@ def compare(cfg: SpeedConfig, log: Callable[[str], None] = print) -> dict:
         ``ratios`` (project / original), the reference ``peak_flops`` and the setup.
     """
     device = select_device(cfg.device)
+    _, paths, targets = load_images(cfg)  # a missing or bad folder stops the run before anything is measured
     # what `aimonk train` would run: precision "auto" is measured, with the memory format
     execution = choose_execution(cfg.precision, device, cfg.backbone, cfg.channels_last, "train", cfg.image_size,
                                  cfg.batch_size)
     precision, cfg = execution.precision, replace(cfg, channels_last=execution.channels_last)
     spec = BACKBONES[cfg.backbone]
-    _, paths, targets = load_images(cfg)
     log(f"speed: {len(paths)} images from {cfg.data_dir}, {cfg.image_size} px, batch {cfg.batch_size}, "
         f"{cfg.backbone}, {cfg.epochs} epochs, device {device} ({torch.get_num_threads()} threads); "
         f"project precision {precision}, channels_last={cfg.channels_last}")
