@@ -60,3 +60,16 @@ def stop_in_epoch(run_module, epoch: int, steps: int, action: Callable[[], None]
         return original(*bound.args, **bound.kwargs)
 
     return patched
+
+
+def record_predictors(monkeypatch, module) -> list:
+    """Replace ``module.Predictor`` with a subclass that records every instance, in order; returns that list."""
+    made = []
+
+    class Recorded(module.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(module, "Predictor", Recorded)
+    return made

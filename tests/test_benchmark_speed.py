@@ -9,6 +9,7 @@ import pytest
 
 from aimonk import int8
 from aimonk.benchmark.__main__ import main as benchmark_main
+from helpers import record_predictors
 
 SMALL = ["--limit", "24", "--epochs", "2", "--image-size", "64", "--peak-size", "256", "--latency-calls", "3"]
 
@@ -21,14 +22,7 @@ def _positive(x) -> bool:
 def test_speed_benchmark_prints_and_returns_positive_figures(sample_dir, tmp_path, capsys, monkeypatch):
     from aimonk.benchmark import speed
 
-    made = []  # the benchmark's predictors: the project loop is torch's, whatever a user's default runtime
-
-    class Recorded(speed.Predictor):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(speed, "Predictor", Recorded)
+    made = record_predictors(monkeypatch, speed)  # the project loop is torch's, whatever a user's default runtime
     monkeypatch.setenv("AIMONK_RUNTIME", "auto")  # a user's default (the tests' default is torch)
     out = tmp_path / "speed.json"
     assert benchmark_main(["speed", "--data", str(sample_dir), *SMALL, "--json", str(out)]) == 0

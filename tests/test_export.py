@@ -23,6 +23,7 @@ from aimonk.cli import main
 from aimonk.data import decode_uint8, index_dataset
 from aimonk.files import file_sha256
 from aimonk.inference import PARITY_TOLERANCE, Predictor
+from helpers import record_predictors
 
 onnx = pytest.importorskip("onnx")
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]  # every test here exports a model: seconds each
@@ -147,14 +148,7 @@ def test_an_export_that_does_not_match_torch_is_refused_and_not_written(checkpoi
 def test_export_parity_is_against_torch_whatever_the_default_runtime(checkpoint, exported, sample_dir, monkeypatch):
     import aimonk.export as export
 
-    made = []
-
-    class Recorded(export.Predictor):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(export, "Predictor", Recorded)
+    made = record_predictors(monkeypatch, export)
     monkeypatch.setenv("AIMONK_RUNTIME", "auto")  # a user's default: the fastest verified runtime
     figures = export.measure_parity(checkpoint, {"fp32": exported.path}, sample_images(sample_dir, 32, 4))
     reference = made[0]
