@@ -17,6 +17,9 @@ def test_quality_benchmark_runs_every_row_on_the_same_folds(tmp_path, monkeypatc
                                           "original in int8", "original with flip TTA", "pretrained",
                                           "pretrained with flip TTA"]
     assert (df.groupby("recipe").fold.nunique() == 2).all()
+    # Each recipe trained with a decoded-image cache of its own, so none found what the one before it stored.
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["frozen_lr", "original", "pretrained"]
+    assert all(any(p.rglob("*.npy")) for p in (tmp_path / "cache").iterdir())
     for col in ("macro_ap", "macro_auc", "macro_f1_at_0.5", "macro_f1_tuned", "chance_auc"):
         values = df[col].to_numpy(float)
         assert np.all((values >= 0) & (values <= 1)), col

@@ -9,9 +9,9 @@ decision rule tuned on the inner validation split, next to the majority-class ba
 label-permutation chance reference. ``minutes`` is a recipe's training time (the ``train`` call
 as a user runs it: start-up, epochs, validation, probe, decisions); ``fold_minutes`` adds the
 benchmark's own scoring of the fold and of the ablation rows. Training caches its decoded images
-and frozen features in the run's own folder, so each recipe's first fold starts cold, as a user's
-first training on a folder does, and later folds find what earlier folds stored, as a retraining
-after a label change does (``--set cache_dir=PATH`` shares a cache instead).
+and frozen features in a folder of the run's own, one per recipe, so each recipe's first fold starts
+cold, as a user's first training on a folder does, and its later folds find what its earlier folds
+stored, as a retraining after a label change does (``--set cache_dir=PATH`` shares one cache instead).
 """
 
 from __future__ import annotations
@@ -126,8 +126,7 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
     with contextlib.ExitStack() as stack:  # without a workdir the checkpoints are removed after the run
         work = Path(workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="aimonk-quality-")))
         work.mkdir(parents=True, exist_ok=True)
-        # training's own cache (decoded images, frozen features), cold at the start of the run
-        overrides = {"cache_dir": str(work / "cache"), **(overrides or {})}
+        overrides = overrides or {}
         for k, test_rows in enumerate(fold_rows[:run_folds]):
             if only_fold is not None and k != only_fold:
                 continue
@@ -136,8 +135,11 @@ def run(data_dir: str, recipes: list[str], folds: int = 3, seed: int = 0, epochs
                          **majority_scores(index.table.targets[train_rows], index.table.targets[test_rows])})
             print(json.dumps(rows[-1]), flush=True)
             for recipe in recipes:
+                # each recipe's own training cache (decoded images, frozen features), cold at its first fold:
+                # a recipe never finds what the recipe before it stored, so the turns are fair
+                own = {"cache_dir": str(work / "cache" / recipe), **overrides}
                 cfg = _recipe_config(recipe, recipes_cfg, data_dir, work / f"{recipe}_{k}.pth",
-                                     seed if train_seed is None else train_seed, epochs, image_size, overrides, progress)
+                                     seed if train_seed is None else train_seed, epochs, image_size, own, progress)
                 rows.extend(_recipe_rows(recipe, k, cfg, list(names[train_rows]), list(names[test_rows]), runtimes))
     return pd.DataFrame(rows)
 
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:  # the run (machine, versions, command, date), then one row per (recipe, fold)
         rows = json.loads(df.to_json(orient="records"))
         info["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)
-        cache = "shared" if "cache_dir" in overrides else "run"  # "run": its own, empty at the start
+        cache = "shared" if "cache_dir" in overrides else "recipe"  # "recipe": one per recipe, empty at the start
         record = {"benchmark": "quality", "run": info, "data": a.data, "folds": a.folds, "cache": cache, "rows": rows}
         atomic_write_text(a.json, json.dumps(record, indent=1))
     return 0

@@ -243,6 +243,17 @@ def time_ratio(summary: list[dict]) -> tuple[float, float, float] | None:
     return new, old, new / old
 
 
+CACHE_TEXT = {  # how a quality run cached decoded images and frozen features, by its record's "cache"
+    "recipe": "Training cached its decoded images and frozen features in a folder of the run's own, one per "
+              "recipe: each recipe's first fold started from an empty cache, as a first training on a folder "
+              "does, and its later folds read what its earlier ones had stored, as a retraining after a label "
+              "change does.",
+    "run": "Training cached its decoded images and frozen features in one folder for the whole run: only the "
+           "run's first training (the first recipe's first fold) started from an empty cache; every later one, "
+           "the other recipes' first folds included, read what earlier ones had stored.",
+}
+
+
 def _time_ratio_lines(summary: list[dict], cache: str | None = None) -> list[str]:
     ratio = time_ratio(summary)
     if ratio is None:
@@ -250,13 +261,10 @@ def _time_ratio_lines(summary: list[dict], cache: str | None = None) -> list[str
     new, old, r = ratio
     lines = ["", f"Time per fold, in turns in this run (median over folds, training and validation included): "
                  f"`pretrained` {new:.1f} min against `{PREVIOUS_RECIPE}` {old:.1f} min, **{r:.2f}x** the time."]
-    if cache == "run":  # the run's own cache: cold for each recipe's first fold
+    if cache in ("recipe", "run"):
         by = {s["recipe"]: s for s in summary}
         per = [a / b for a, b in zip(by["pretrained"]["minutes"], by[PREVIOUS_RECIPE]["minutes"])]
-        lines[-1] += (f" Fold by fold: {' / '.join(f'{x:.2f}x' for x in per)}. Training cached its decoded images "
-                      "and frozen features in the run's own folder: each recipe's first fold started from an empty "
-                      "cache, as a first training on a folder does, and the later folds read what the earlier ones "
-                      "had stored, as a retraining after a label change does.")
+        lines[-1] += f" Fold by fold: {' / '.join(f'{x:.2f}x' for x in per)}. " + CACHE_TEXT[cache]
     return lines
 
 
