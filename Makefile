@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := 01_explore 02_train 03_evaluate 04_infer 05_audit
 DATA ?= data/sample
 PAPERMILL_ARGS ?=
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help setup reports notebooks train test test-fast lab sample clean
@@ -34,8 +35,8 @@ notebooks: $(STAMP) ## after editing a notebook or its .py: sync the pair (the n
 train: $(STAMP) ## train with the CLI only (no notebooks): python -m aimonk train --data $(DATA)
 	$(PY) -m aimonk train --data $(DATA)
 
-test: $(STAMP) ## run every test, the notebooks included (what CI runs); the runtime tests in a process of their own
-	$(PY) -m pytest -m "not deploy"
+test: $(STAMP) ## run every test, the notebooks included (what CI runs): TEST_WORKERS pytest-xdist workers (0: none), then the runtime tests
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not deploy"
 	$(PY) -m pytest -m deploy tests
 
 test-fast: $(STAMP) ## unit tests only, skipping slow ones and the notebooks

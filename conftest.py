@@ -1,6 +1,9 @@
 """pytest setup for tests/ and notebooks/ (nbval): outputs go to a temporary folder, never to models/ or reports/.
 
 It lives at the repository root so that ``pytest notebooks/`` picks it up as well as ``pytest tests/``.
+``make test`` runs most tests on two pytest-xdist workers (``-n 2``): each worker writes into a folder
+of its own and gets its share of the cores, one file's tests stay together on one worker in file order,
+and the notebooks run on one worker in their numbered order (03 and 04 read the model that 02 wrote).
 """
 
 import os
@@ -8,7 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _VARS = (("AIMONK_MODELS_DIR", "models"), ("AIMONK_REPORTS_DIR", "reports"), ("AIMONK_CACHE_DIR", "cache"))
+_OWN = "AIMONK_TEST_OUTPUTS"  # set when this file chose the folders (not the user), so workers may choose theirs
 _created: list[Path] = []
 
 
@@ -23,14 +29,38 @@ def pytest_configure(config):
     # runtime: ONNX Runtime and OpenVINO load only in tests/test_export.py (marked "deploy"), which
     # `make test` runs in a pytest process of its own, and which checks the default, auto, itself.
     os.environ.setdefault("AIMONK_RUNTIME", "torch")
-    if all(var in os.environ for var, _ in _VARS):
-        return
-    root = Path(tempfile.mkdtemp(prefix="aimonk-tests-"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # the cores shared out between the workers (their subprocesses and kernels inherit it)
+        share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(share)
+        import torch  # (already imported by tests/conftest.py, too early for the variables above)
+
+        torch.set_num_threads(share)
+    if all(var in os.environ for var, _ in _VARS) and not (worker and _OWN in os.environ):
+        return  # the user's own folders (or a worker's, set below), kept
+    root = Path(tempfile.mkdtemp(prefix=f"aimonk-tests-{worker + '-' if worker else ''}"))
     _created.append(root)
+    os.environ[_OWN] = str(root)
     for var, sub in _VARS:
-        os.environ.setdefault(var, str(root / sub))
+        if worker:
+            os.environ[var] = str(root / sub)
+        else:
+            os.environ.setdefault(var, str(root / sub))
 
 
 def pytest_unconfigure(config):
     for root in _created:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist (extra "test")
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``-n``: one file's tests to one worker, in file order, and every notebook to one worker, in order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "notebooks" if path.endswith(".ipynb") else path
+
+    return ByFile(config, log)
