@@ -30,12 +30,8 @@ def pytest_configure(config):
     # `make test` runs in a pytest process of its own, and which checks the default, auto, itself.
     os.environ.setdefault("AIMONK_RUNTIME", "torch")
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:  # the cores shared out between the workers (their subprocesses and kernels inherit it)
-        share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(share)
-        import torch  # (already imported by tests/conftest.py, too early for the variables above)
-
-        torch.set_num_threads(share)
+    if worker:
+        _share_cores(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     if all(var in os.environ for var, _ in _VARS) and not (worker and _OWN in os.environ):
         return  # the user's own folders (or a worker's, set below), kept
     root = Path(tempfile.mkdtemp(prefix=f"aimonk-tests-{worker + '-' if worker else ''}"))
@@ -46,6 +42,16 @@ def pytest_configure(config):
             os.environ[var] = str(root / sub)
         else:
             os.environ.setdefault(var, str(root / sub))
+
+
+def _share_cores(workers: int) -> None:
+    """This worker's share of the cores, for torch here and for the subprocesses and kernels it starts."""
+    share = max(1, (os.cpu_count() or 1) // workers)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(share)
+    import torch  # (already imported by tests/conftest.py, too early for the variables above)
+
+    torch.set_num_threads(share)
 
 
 def pytest_unconfigure(config):
