@@ -32,16 +32,16 @@ def pytest_configure(config):
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         _share_cores(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    if all(var in os.environ for var, _ in _VARS) and not (worker and _OWN in os.environ):
-        return  # the user's own folders (or a worker's, set below), kept
+    if worker and _OWN in os.environ:  # the folders the controller chose, not the user: this worker takes its own
+        for var, _ in _VARS:
+            os.environ.pop(var, None)
+    if all(var in os.environ for var, _ in _VARS):
+        return  # the user's own folders, kept
     root = Path(tempfile.mkdtemp(prefix=f"aimonk-tests-{worker + '-' if worker else ''}"))
     _created.append(root)
     os.environ[_OWN] = str(root)
     for var, sub in _VARS:
-        if worker:
-            os.environ[var] = str(root / sub)
-        else:
-            os.environ.setdefault(var, str(root / sub))
+        os.environ.setdefault(var, str(root / sub))
 
 
 def _share_cores(workers: int) -> None:

@@ -261,7 +261,7 @@ def _time_ratio_lines(summary: list[dict], cache: str | None = None) -> list[str
     new, old, r = ratio
     lines = ["", f"Time per fold, in turns in this run (median over folds, training and validation included): "
                  f"`pretrained` {new:.1f} min against `{PREVIOUS_RECIPE}` {old:.1f} min, **{r:.2f}x** the time."]
-    if cache in ("recipe", "run"):
+    if cache in CACHE_TEXT:
         by = {s["recipe"]: s for s in summary}
         per = [a / b for a, b in zip(by["pretrained"]["minutes"], by[PREVIOUS_RECIPE]["minutes"])]
         lines[-1] += f" Fold by fold: {' / '.join(f'{x:.2f}x' for x in per)}. " + CACHE_TEXT[cache]
