@@ -29,8 +29,8 @@ def pytest_configure(config):
     # runtime: ONNX Runtime and OpenVINO load only in tests/test_export.py (marked "deploy"), which
     # `make test` runs in a pytest process of its own, and which checks the default, auto, itself.
     # Keep it there: after that file, a process that forks DataLoader workers can die
-    # (`pytest tests/test_export.py tests/test_benchmark_speed.py::test_speed_tuning_runs` crashes in
-    # the tuner's `num_workers=2` loader), and one `pytest -n 2` run of everything, with test_export.py
+    # (`pytest tests/test_export.py tests/test_benchmark_speed.py::test_speed_tuning_runs` died in the
+    # tuner's `num_workers=2` loader in 2 of 4 runs), and one `pytest -n 2` run of everything, with test_export.py
     # handed out last, lost a worker near its end and then hung.
     os.environ.setdefault("AIMONK_RUNTIME", "torch")
     worker = os.environ.get("PYTEST_XDIST_WORKER")
